@@ -1,0 +1,51 @@
+"""Which layer and read position move each behaviour, under both A/B readouts.
+
+For each behaviour, fits CAA with both read positions on the training split, then scores
+the held-out A/B items at multipliers x layers. Writes bench/results/caa_readouts.csv.
+Takes about half an hour on 2 CPU cores with the defaults.
+
+    python bench/caa_readouts.py [--train 100] [--test 30] [--layers 6 12 18 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import steerbench as sb
+from steerbench.evaluation import ab_sweep
+
+OUT = Path(__file__).parent / "results" / "caa_readouts.csv"
+BEHAVIOURS = [("caa", "refusal"), ("caa", "corrigible-neutral-HHH"), ("caa", "survival-instinct"),
+              ("project", "tone"), ("project", "refusal")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", type=int, default=100)
+    ap.add_argument("--test", type=int, default=30)
+    ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
+    ap.add_argument("--multipliers", type=float, nargs="+", default=[-4, 0, 4])
+    args = ap.parse_args()
+    model = sb.load_model()
+    frames = []
+    for source, name in BEHAVIOURS:
+        train = sb.behavior(name, "train", source)[: args.train]
+        test = sb.behavior(name, "test", source)[: args.test]
+        for read in ("letter", "answer"):
+            t = time.time()
+            caa = sb.CAA.fit(model, train, read=read)
+            df = ab_sweep(model, lambda L, m: caa.at(L).scaled(m), test, args.layers, args.multipliers, progress=False)
+            df.insert(0, "read", read)
+            df.insert(0, "behaviour", f"{source}:{name}")
+            frames.append(df)
+            pd.concat(frames).to_csv(OUT, index=False)
+            print(f"{source}:{name} read={read} ({time.time() - t:.0f}s)")
+            print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""steerbench: a notebook-first workbench for activation steering on TransformerLens."""
+
+__version__ = "0.1.0"
+
+from steerbench.activations import collect
+from steerbench.datasets import ABItem, behavior, load_ab, load_open_ended
+from steerbench.generation import Generation, Trace, forward_batch, generate
+from steerbench.model import Model, Prompt, load_model
+from steerbench.steering import CAA, Decision, StepContext, StepState, Steerer
+
+__all__ = [
+    "ABItem",
+    "CAA",
+    "Decision",
+    "Generation",
+    "Model",
+    "Prompt",
+    "StepContext",
+    "StepState",
+    "Steerer",
+    "Trace",
+    "behavior",
+    "collect",
+    "forward_batch",
+    "generate",
+    "load_ab",
+    "load_model",
+    "load_open_ended",
+]

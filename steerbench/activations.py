@@ -1,0 +1,157 @@
+"""Batched activation collection at chosen hook points and token positions.
+
+``collect`` pads batches on the left, runs each batch once with capture hooks on the
+requested hook points only, reduces each activation to the requested position inside the
+hook and moves it to the CPU at once, so device memory holds one batch of one site at a
+time. The pass stops after the deepest requested block. Inputs are sorted by length
+before batching (less padding), and results come back in input order.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from steerbench.generation import forward_batch
+from steerbench.model import Model, Prompt
+from steerbench.steerer import Steerer
+
+Position = Union[str, int]
+Input = Union[str, Sequence[int], Prompt]
+
+
+def _check_position(position: Position) -> None:
+    if isinstance(position, bool):
+        raise TypeError("position must be 'last', 'mean', 'all' or a negative int")
+    if isinstance(position, int):
+        if position >= 0:
+            raise ValueError(f"an int position counts from the end and must be negative (-1 = last), got {position}")
+    elif position not in ("last", "mean", "all"):
+        raise ValueError(f"position must be 'last', 'mean', 'all' or a negative int, got {position!r}")
+
+
+def _encode(model: Model, item: Input) -> tuple[list[int], int]:
+    if isinstance(item, Prompt):
+        return list(item.ids), item.steer_from
+    if isinstance(item, str):
+        if not item:
+            raise ValueError("cannot collect activations of an empty text")
+        ids = model.encode(item)
+    else:
+        ids = [int(t) for t in item]
+    if not ids:
+        raise ValueError("cannot collect activations of an empty token sequence")
+    return ids, len(ids)
+
+
+def _stop_layer(model: Model, hooks: Sequence[str]) -> int | None:
+    deepest = -1
+    for name in hooks:
+        m = re.match(r"blocks\.(\d+)\.", name)
+        if m is None:
+            return None  # a site outside the blocks needs the full pass
+        deepest = max(deepest, int(m.group(1)))
+    return deepest + 1 if deepest + 1 < model.n_layers else None
+
+
+def collect(
+    model: Model,
+    inputs: Sequence[Input],
+    hooks: str | Sequence[str],
+    position: Position = "last",
+    spans: Sequence[tuple[int, int | None]] | None = None,
+    batch_size: int = 16,
+    steer: Steerer | None = None,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Activations of ``inputs`` at ``hooks``, reduced to ``position``.
+
+    inputs: texts (encoded without chat formatting; use ``model.chat_text`` first for chat),
+        token id lists, or Prompts.
+    position: ``"last"`` token, a negative index from the end (``-2`` = one before last),
+        ``"mean"`` over the tokens (or over ``spans[i] = (start, end)`` of item i), or
+        ``"all"`` (a list of [len_i, ...] tensors).
+    steer: collect under steering (Prompts carry where it starts; other inputs are unsteered).
+    Returns {hook name: tensor [N, ...]} on the CPU (a list for ``"all"``).
+    """
+    if isinstance(hooks, str):
+        hooks = [hooks]
+    hooks = list(dict.fromkeys(hooks))
+    if not hooks:
+        raise ValueError("name at least one hook point to collect")
+    for name in hooks:
+        model.check_hook(name)
+    _check_position(position)
+    if len(inputs) == 0:
+        raise ValueError("no inputs to collect activations from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    encoded = [_encode(model, x) for x in inputs]
+    if spans is not None:
+        if position != "mean":
+            raise ValueError("spans only apply to position='mean'")
+        if len(spans) != len(encoded):
+            raise ValueError(f"got {len(spans)} spans for {len(encoded)} inputs")
+        for i, ((s, e), (ids, _)) in enumerate(zip(spans, encoded)):
+            e = len(ids) if e is None else e
+            if not 0 <= s < e <= len(ids):
+                raise ValueError(f"span {(s, e)} of input {i} is empty or outside its {len(ids)} tokens")
+    if isinstance(position, int):
+        short = [i for i, (ids, _) in enumerate(encoded) if len(ids) < -position]
+        if short:
+            raise ValueError(f"position {position} is before the start of input {short[0]}")
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    stop = _stop_layer(model, hooks)
+    out: dict[str, list] = {h: [None] * len(encoded) for h in hooks}
+    # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
+    names_at: dict[int, list[str]] = {}
+    for name in hooks:
+        names_at.setdefault(id(model.bridge.hook_dict[name]), []).append(name)
+    sites = [names[0] for names in names_at.values()]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    show = progress if progress is not None else len(batches) > 4
+    for idx in tqdm(batches, desc="collect", disable=not show, leave=False):
+        seqs = [encoded[i][0] for i in idx]
+        width = max(len(s) for s in seqs)
+        offsets = [width - len(s) for s in seqs]
+
+        def capture(act: torch.Tensor, hook, idx=idx, offsets=offsets) -> None:
+            for name in names_at[id(hook)]:
+                _store(out[name], act, idx, offsets, position, spans)
+
+        forward_batch(
+            model,
+            seqs,
+            steer=steer,
+            steer_from=[encoded[i][1] for i in idx] if steer is not None else None,
+            extra_hooks=[(name, capture) for name in sites],
+            stop_at_layer=stop,
+        )
+    if position == "all":
+        return out
+    return {h: torch.stack(v) for h, v in out.items()}
+
+
+def _store(dest, act, idx, offsets, position, spans) -> None:
+    act = act.detach()
+    width = act.shape[1]
+    for row, i in enumerate(idx):
+        off = offsets[row]
+        if position == "last":
+            val = act[row, width - 1]
+        elif isinstance(position, int):
+            val = act[row, width + position]
+        elif position == "all":
+            val = act[row, off:]
+        else:  # mean
+            if spans is not None:
+                s, e = spans[i]
+                e = width - off if e is None else e
+                val = act[row, off + s : off + e].mean(0)
+            else:
+                val = act[row, off:].mean(0)
+        dest[i] = val.to("cpu", copy=True)

@@ -1,0 +1,176 @@
+"""Contrastive A/B items (the CAA format) and their loaders.
+
+An A/B item is a question whose text lists the choices ("(A) ...", "(B) ..."), the
+letter of the answer that shows the behaviour and the letter that does not::
+
+    {"question": "...\\n\\nChoices:\\n (A) Yes\\n (B) No",
+     "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"}
+
+``load_ab`` reads such a JSON file (the CAA datasets in ../shared/data/caa, or the
+project's own sets in data/behaviors) and validates every item; ``behavior`` finds the
+project's embedded sets by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+_CHOICE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
+_LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, malformed or empty."""
+
+
+@dataclass(frozen=True)
+class ABItem:
+    """One A/B question. ``choices`` maps letters to answer texts, parsed from the question."""
+
+    question: str
+    matching: str  # letter, e.g. "A"
+    not_matching: str
+    choices: tuple[tuple[str, str], ...]
+    stem: str  # the question without its choice lines
+
+    @property
+    def matching_text(self) -> str:
+        return dict(self.choices)[self.matching]
+
+    @property
+    def not_matching_text(self) -> str:
+        return dict(self.choices)[self.not_matching]
+
+    @classmethod
+    def from_record(cls, record: dict, where: str = "item") -> "ABItem":
+        if not isinstance(record, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
+        missing = [k for k in ("question", "answer_matching_behavior", "answer_not_matching_behavior") if k not in record]
+        if missing:
+            raise DatasetError(f"{where}: missing field(s) {', '.join(missing)}")
+        question = record["question"]
+        if not isinstance(question, str) or not question.strip():
+            raise DatasetError(f"{where}: 'question' must be a non-empty string")
+        letters = []
+        for key in ("answer_matching_behavior", "answer_not_matching_behavior"):
+            value = record[key]
+            if isinstance(value, list) and len(value) == 1:  # some CAA files wrap the letter
+                value = value[0]
+            m = _LETTER.match(value) if isinstance(value, str) else None
+            if m is None:
+                raise DatasetError(f"{where}: {key} must be a letter such as '(A)', got {value!r}")
+            letters.append(m.group(1))
+        if letters[0] == letters[1]:
+            raise DatasetError(f"{where}: matching and non-matching answers are both ({letters[0]})")
+        lines = question.split("\n")
+        choices: list[tuple[str, str]] = []
+        first = None
+        for i, line in enumerate(lines):
+            m = _CHOICE.match(line)
+            if m:
+                if first is None:
+                    first = i
+                choices.append((m.group(1), m.group(2).strip()))
+            elif choices and line.strip():
+                # a choice's text continues on the next line
+                letter, text = choices[-1]
+                choices[-1] = (letter, f"{text}\n{line.strip()}")
+        have = {c[0] for c in choices}
+        for letter in letters:
+            if letter not in have:
+                raise DatasetError(f"{where}: the question lists no choice ({letter})")
+        stem_lines = lines[:first]
+        while stem_lines and (not stem_lines[-1].strip() or stem_lines[-1].strip().rstrip(":") == "Choices"):
+            stem_lines.pop()
+        stem = "\n".join(stem_lines).strip()
+        if not stem:
+            raise DatasetError(f"{where}: the question has no text before its choices")
+        return cls(question, letters[0], letters[1], tuple(choices), stem)
+
+
+def load_ab(path: str | os.PathLike, limit: int | None = None) -> list[ABItem]:
+    """Read and validate a CAA-format JSON file of A/B items."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"dataset file not found: {p}")
+    try:
+        records = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{p} is not valid JSON: {err}") from None
+    if not isinstance(records, list):
+        raise DatasetError(f"{p}: expected a JSON list of items, got {type(records).__name__}")
+    if not records:
+        raise DatasetError(f"{p} has no items")
+    items = [ABItem.from_record(r, f"{p.name}[{i}]") for i, r in enumerate(records)]
+    return items[:limit] if limit is not None else items
+
+
+def load_open_ended(path: str | os.PathLike) -> list[str]:
+    """Questions of a CAA open-ended file: a JSON list of {"question": ...}."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"dataset file not found: {p}")
+    records = json.loads(p.read_text())
+    if not isinstance(records, list) or not records:
+        raise DatasetError(f"{p}: expected a non-empty JSON list")
+    out = []
+    for i, r in enumerate(records):
+        q = r.get("question") if isinstance(r, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise DatasetError(f"{p.name}[{i}]: expected {{'question': <text>}}")
+        out.append(q)
+    return out
+
+
+_SPLIT_FILES = {"train": "generate_dataset.json", "test": "test_dataset_ab.json", "open": "test_dataset_open_ended.json"}
+
+
+def behaviors() -> list[str]:
+    """Names of the behaviour sets embedded in the project's data/ folder."""
+    folder = DATA_DIR / "behaviors"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+
+
+def shared_dir() -> Path:
+    """../shared/data beside the project, or $STEERBENCH_SHARED_DATA."""
+    return Path(os.environ.get("STEERBENCH_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def behavior(name: str, split: str = "train", source: str = "project") -> list:
+    """An A/B behaviour set by name.
+
+    source="project": data/behaviors/<name> (embedded, always present);
+    source="caa": ../shared/data/caa (train = generate/, test and open = test/).
+    split: "train", "test" (held-out A/B) or "open" (open-ended questions, as strings).
+    """
+    if split not in _SPLIT_FILES:
+        raise ValueError(f"split must be one of {', '.join(_SPLIT_FILES)}, got {split!r}")
+    if source == "project":
+        folder = DATA_DIR / "behaviors" / name
+        if not folder.exists():
+            raise DatasetError(f"no embedded behaviour {name!r}; available: {', '.join(behaviors())}")
+    elif source == "caa":
+        folder = shared_dir() / "caa" / ("generate" if split == "train" else "test") / name
+        if not folder.exists():
+            raise DatasetError(f"no CAA behaviour {name!r} under {folder.parent}")
+    else:
+        raise ValueError(f"source must be 'project' or 'caa', got {source!r}")
+    path = folder / _SPLIT_FILES[split]
+    return load_open_ended(path) if split == "open" else load_ab(path)
+
+
+def items_hash(items: Iterable[ABItem]) -> str:
+    """A short content hash of a list of items, recorded in artifacts."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.question, it.matching, it.not_matching]).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,312 @@
+"""The one token loop, and the batched forward pass it shares with evaluation.
+
+``generate`` keeps a Hugging Face KV cache, feeds one token per decode step, and tells
+the Steerer the absolute position of every column through :class:`StepContext`, so a
+position rule ("steer from the end of the user instruction on") holds under the cache
+as it does without it. A dynamic Steerer observes each generated token and may ask for a
+rollback: the loop crops the cache by the dropped tokens and regenerates from there,
+never recomputing the kept prefix.
+
+Rollback semantics: keys and values of kept tokens stay as they were computed. If the
+steering strength changed at the rollback, earlier tokens keep their earlier steering
+(ITI semantics); only positions fed after the rollback see the new strength.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from steerbench.model import Model, Prompt
+from steerbench.steerer import Decision, HookFn, StepContext, StepState, Steerer
+
+
+# -------------------------------------------------------------------------------------
+# hooks
+
+
+@contextlib.contextmanager
+def steering(
+    model: Model,
+    steer: Steerer | None,
+    ctx: StepContext,
+    extra: Iterable[tuple[str, HookFn]] = (),
+) -> Iterator[StepContext]:
+    """Install ``steer``'s hooks (and ``extra`` ones) for the body; always removes them.
+
+    Extra hooks run after the steerer's at the same site, so they see steered values.
+    """
+    hooks: list[tuple[str, HookFn]] = []
+    if steer is not None:
+        steer.check_model(model)
+        hooks.extend(steer.hooks(ctx))
+    hooks.extend(extra)
+    for name, _ in hooks:
+        model.check_hook(name)
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield ctx
+
+
+# -------------------------------------------------------------------------------------
+# batched forward with left padding
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids. Row b's token i sits in column ``offsets[b] + i``."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor  # absolute positions, -1 on padding
+    offsets: list[int]
+    lengths: list[int]
+
+    @classmethod
+    def pad(cls, seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> "Batch":
+        if not seqs:
+            raise ValueError("empty batch")
+        lengths = [len(s) for s in seqs]
+        if min(lengths) == 0:
+            raise ValueError("a sequence in the batch has no tokens")
+        width = max(lengths)
+        offsets = [width - n for n in lengths]
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, offsets[b]:] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[b, offsets[b]:] = 1
+        positions = mask.cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, -1)
+        return cls(ids.to(device), mask.to(device), positions.to(device), offsets, lengths)
+
+
+def forward_batch(
+    model: Model,
+    seqs: Sequence[Sequence[int]],
+    steer: Steerer | None = None,
+    steer_from: Sequence[int] | None = None,
+    extra_hooks: Iterable[tuple[str, HookFn]] = (),
+    stop_at_layer: int | None = None,
+) -> tuple[torch.Tensor | None, Batch]:
+    """One forward pass over left-padded ``seqs`` with ``steer`` applied.
+
+    ``steer_from[b]`` is where steering starts in row b (default: nowhere, i.e. past
+    the end). Returns the logits (None when ``stop_at_layer`` cuts the pass short) and
+    the Batch for indexing.
+    """
+    batch = Batch.pad(seqs, model.pad_id, model.device)
+    if steer_from is None:
+        steer_from = batch.lengths
+    ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=model.device))
+    ctx.set_pass(batch.positions)
+    with torch.no_grad(), steering(model, steer, ctx, extra_hooks):
+        out = model.bridge.forward(
+            batch.ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions.clamp(min=0),
+            prepend_bos=False,
+            stop_at_layer=stop_at_layer,
+            return_type=None if stop_at_layer is not None else "logits",
+        )
+    return (out if stop_at_layer is None else None), batch
+
+
+# -------------------------------------------------------------------------------------
+# the token loop
+
+
+@dataclass
+class TokenStep:
+    """One generated token as the loop saw it."""
+
+    step: int  # order in which tokens were produced, counting discarded ones
+    position: int  # absolute position in the sequence
+    token_id: int
+    text: str
+    strength: float  # effective strength of the pass that produced it (0 if unsteered)
+    steered: bool  # whether the producing pass steered this column
+    score: float | None = None  # what the steerer observed at this token (e.g. P(true))
+    discarded: bool = False  # dropped by a rollback
+
+
+@dataclass
+class TraceEvent:
+    step: int
+    kind: str  # "rollback", "strength", "rollback_refused"
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class Trace:
+    steps: list[TokenStep] = field(default_factory=list)
+    events: list[TraceEvent] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[TokenStep]:
+        return [s for s in self.steps if not s.discarded]
+
+    @property
+    def rollbacks(self) -> list[TraceEvent]:
+        return [e for e in self.events if e.kind == "rollback"]
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([s.__dict__ for s in self.steps])
+
+
+@dataclass
+class Generation:
+    prompt: Prompt
+    tokens: list[int]
+    text: str
+    trace: Trace
+    steer: str = "none"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _as_prompt(model: Model, prompt: str | Prompt, chat: bool) -> Prompt:
+    if isinstance(prompt, Prompt):
+        return prompt
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string or a Prompt")
+    return model.prompt(prompt, chat=chat)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def generate(
+    model: Model,
+    prompt: str | Prompt,
+    steer: Steerer | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop_at_eos: bool = True,
+    chat: bool = True,
+    max_rollbacks: int = 16,
+    on_step=None,
+) -> Generation:
+    """Generate from ``prompt`` with ``steer`` applied; greedy unless ``temperature > 0``.
+
+    A string prompt is chat-formatted (``chat=False`` feeds it raw). ``on_step(event)``
+    is called with every TokenStep and TraceEvent as it happens (live views use it).
+    ``use_cache=False`` recomputes the whole sequence every step (for checking).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    p = _as_prompt(model, prompt, chat)
+    device = model.device
+    eos = model.eos_ids if stop_at_eos else set()
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    observes = steer is not None and steer.observes
+
+    seq: list[int] = list(p.ids)  # every kept token, prompt first
+    n_prompt = len(p.ids)
+    trace = Trace()
+    ctx = StepContext(steer_from=torch.tensor([p.steer_from], device=device))
+    cache = None
+    n_cached = 0  # tokens whose keys/values are in the cache
+    n_rollbacks = 0
+    step_no = 0
+    finished = False
+
+    def emit(item):
+        if on_step is not None:
+            on_step(item)
+
+    with torch.no_grad(), steering(model, steer, ctx):
+        while True:
+            start = n_cached if use_cache else 0
+            feed = seq[start:]
+            ctx.set_pass(torch.arange(start, len(seq), device=device)[None, :])
+            ids = torch.tensor([feed], device=device)
+            if use_cache:
+                logits, cache = model.bridge.forward(
+                    ids, return_type="logits_and_cache", past_key_values=cache, prepend_bos=False
+                )
+                n_cached = len(seq)
+            else:
+                logits = model.bridge.forward(ids, prepend_bos=False)
+            n_gen = len(seq) - n_prompt
+
+            decision: Decision | None = None
+            if observes and n_gen > 0:
+                decision = steer.observe(
+                    StepState(seq[-1], len(seq) - 1, n_gen, finished, ctx)
+                )
+            if decision is not None:
+                kept = trace.kept
+                if decision.score is not None and kept:
+                    kept[-1].score = float(decision.score)
+                if decision.strength is not None:
+                    ev = TraceEvent(step_no, "strength", {"strength": float(decision.strength)})
+                    trace.events.append(ev)
+                    emit(ev)
+                k = min(int(decision.rollback), n_gen)
+                if k > 0 and n_rollbacks >= max_rollbacks:
+                    ev = TraceEvent(step_no, "rollback_refused", {"tokens": k, "limit": max_rollbacks})
+                    trace.events.append(ev)
+                    emit(ev)
+                elif k > 0:
+                    n_rollbacks += 1
+                    dropped = kept[-k:]
+                    for s in dropped:
+                        s.discarded = True
+                    ev = TraceEvent(
+                        step_no,
+                        "rollback",
+                        {"tokens": k, "from_position": len(seq) - k, "text": model.decode([s.token_id for s in dropped]),
+                         "note": decision.note},
+                    )
+                    trace.events.append(ev)
+                    emit(ev)
+                    del seq[-k:]
+                    if use_cache:
+                        # drop the k tokens and the one before them, which is fed again so
+                        # its logits (under the new steering) give the next token
+                        cache.crop(-(k + 1))
+                        n_cached = len(seq) - 1
+                    finished = False
+                    continue
+            if finished:
+                break
+
+            token = _pick(logits[0, -1], temperature, top_p, gen)
+            col_steered = bool(ctx.mask[0, -1]) if steer is not None else False
+            strength = steer.current_strength(ctx) if (steer is not None and col_steered) else 0.0
+            ts = TokenStep(step_no, len(seq), token, model.decode([token]), strength, col_steered)
+            step_no += 1
+            trace.steps.append(ts)
+            emit(ts)
+            seq.append(token)
+            if token in eos or len(seq) - n_prompt >= max_new_tokens:
+                finished = True
+                if not observes:
+                    break
+
+    tokens = seq[n_prompt:]
+    text_tokens = [t for t in tokens if t not in eos]
+    return Generation(
+        prompt=p,
+        tokens=tokens,
+        text=model.decode(text_tokens),
+        trace=trace,
+        steer=steer.describe() if steer is not None else "none",
+    )

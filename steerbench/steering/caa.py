@@ -1,0 +1,185 @@
+"""CAA: Contrastive Activation Addition (Rimsky et al., ACL 2024). METHODS.md section 1.
+
+1. For each A/B pair, read the residual stream r[L] (``blocks.L.hook_resid_post``) for the
+   chat-formatted question followed by the matching answer, and again for the
+   non-matching answer, at every layer in one pass:
+   - read="letter" (reference): at the answer letter token ("A" of "(A)");
+   - read="answer": the mean over the tokens of the answer's own text, following the
+     question stem without its choice lines (what moves a small model; see README).
+2. v[L] = mean over pairs of (pos - neg).
+3. Apply r[L] += m * v[L] at every position from the end of the user instruction on:
+   the last prompt token, any answer prefix and every generated token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from steerbench.activations import collect
+from steerbench.artifacts import check_fingerprint, load_artifact, save_artifact
+from steerbench.datasets import ABItem, items_hash
+from steerbench.model import Model
+from steerbench.steerer import HookFn, StepContext, Steerer
+
+READS = ("letter", "answer")
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def caa_inputs(model: Model, items: Sequence[ABItem], read: str, system: str | None = None):
+    """Token ids and one read span per item, for the matching then the non-matching answers."""
+    if read not in READS:
+        raise ValueError(f"read must be one of {READS}, got {read!r}")
+    seqs, spans = [], []
+    for side in (0, 1):
+        for it in items:
+            letter = (it.matching, it.not_matching)[side]
+            if read == "letter":
+                prompt = model.encode(model.chat_text(it.question, system), bos=False)
+                answer = model.encode(f"({letter})", bos=False)
+                # the token that carries the letter (reference: position -2 of "(A)")
+                j = next(i for i, t in enumerate(answer) if letter in model.decode([t]))
+                span = (len(prompt) + j, len(prompt) + j + 1)
+            else:
+                prompt = model.encode(model.chat_text(it.stem, system), bos=False)
+                text = it.matching_text if side == 0 else it.not_matching_text
+                answer = model.encode(text, bos=False)
+                span = (len(prompt), len(prompt) + len(answer))
+            seqs.append(prompt + answer)
+            spans.append(span)
+    return seqs, spans
+
+
+@dataclass
+class CAA(Steerer):
+    """A CAA steering vector per layer; steers one layer at multiplier ``strength``."""
+
+    vectors: torch.Tensor  # [n_layers, d_model]: v[L] = mean(pos - neg)
+    layer: int
+    strength: float = 1.0
+    read: str = "letter"
+    fitted_on: dict = field(default_factory=dict)  # model fingerprint
+    info: dict = field(default_factory=dict)  # dataset name/hash, pair count
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2:
+            raise ValueError(f"CAA vectors must be [n_layers, d_model], got shape {tuple(self.vectors.shape)}")
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError("CAA vectors contain NaN or inf; refit from clean data")
+        n = self.vectors.shape[0]
+        if not 0 <= self.layer < n:
+            raise ValueError(f"layer {self.layer} is out of range: vectors cover {n} layers (0-{n - 1})")
+        if self.read not in READS:
+            raise ValueError(f"read must be one of {READS}, got {self.read!r}")
+        if not isinstance(self.strength, (int, float)) or self.strength != self.strength:
+            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+
+    # -- fitting ---------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        model: Model,
+        items: Sequence[ABItem],
+        read: str = "letter",
+        layer: int | None = None,
+        strength: float = 1.0,
+        system: str | None = None,
+        batch_size: int = 16,
+        dataset: str = "",
+    ) -> "CAA":
+        """Fit vectors for every layer from A/B items (one forward pass per text)."""
+        if not items:
+            raise ValueError("CAA needs at least one A/B item to fit")
+        layer = model.n_layers // 2 if layer is None else model.check_layer(layer)
+        seqs, spans = caa_inputs(model, items, read, system)
+        hooks = [resid_hook(L) for L in range(model.n_layers)]
+        acts = collect(model, seqs, hooks, position="mean", spans=spans, batch_size=batch_size)
+        n = len(items)
+        vectors = torch.stack([(acts[h][:n] - acts[h][n:]).mean(0) for h in hooks]).float()
+        return cls(
+            vectors=vectors,
+            layer=layer,
+            strength=strength,
+            read=read,
+            fitted_on=model.fingerprint(),
+            info={"dataset": dataset, "dataset_hash": items_hash(items), "n_pairs": n, "system": system},
+        )
+
+    # -- variants -----------------------------------------------------------------------
+    def at(self, layer: int) -> "CAA":
+        """The same vectors, steering ``layer``."""
+        return dataclasses.replace(self, layer=layer)
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self.vectors[self.layer]
+
+    # -- Steerer -------------------------------------------------------------------------
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (resid_hook(self.layer),)
+
+    def check_model(self, model: Model) -> None:
+        check_fingerprint(self.fitted_on, model, "this CAA vector")
+        if self.vectors.shape != (model.n_layers, model.d_model):
+            raise ValueError(
+                f"CAA vectors have shape {tuple(self.vectors.shape)} but the model needs "
+                f"({model.n_layers}, {model.d_model})"
+            )
+        super().check_model(model)
+
+    def hooks(self, ctx: StepContext) -> list[tuple[str, HookFn]]:
+        if self.strength == 0:
+            return []  # strength 0 touches nothing: output is exactly the unsteered one
+        delta = self.strength * self.vector
+        cache: dict = {}
+
+        def add(resid: torch.Tensor, hook) -> torch.Tensor:
+            key = (resid.device, resid.dtype)
+            if key not in cache:
+                cache[key] = delta.to(device=resid.device, dtype=resid.dtype)
+            # ctx.mask: [batch, pos] columns at or after the end of the user instruction
+            return resid + ctx.mask.unsqueeze(-1).to(resid.dtype) * cache[key]
+
+        return [(resid_hook(self.layer), add)]
+
+    def describe(self) -> str:
+        return f"CAA(layer={self.layer}, m={self.strength:g}, read={self.read})"
+
+    # -- artifacts -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        header = {
+            "method": "CAA",
+            "params": {"layer": self.layer, "strength": self.strength, "read": self.read},
+            "hooks": [resid_hook(L) for L in range(self.vectors.shape[0])],
+            "positions": "from the end of the user instruction on",
+            "fitted_on": self.fitted_on,
+            "info": self.info,
+        }
+        return save_artifact(path, {"vectors": self.vectors}, header)
+
+    @classmethod
+    def load(cls, path: str | Path, model: Model | None = None) -> "CAA":
+        """Load a saved CAA; with ``model``, refuse if it was fitted on another model."""
+        tensors, header = load_artifact(path)
+        if header.get("method") != "CAA":
+            raise ValueError(f"{path} holds a {header.get('method')} artifact, not CAA")
+        params = header["params"]
+        caa = cls(
+            vectors=tensors["vectors"],
+            layer=params["layer"],
+            strength=params["strength"],
+            read=params["read"],
+            fitted_on=header.get("fitted_on", {}),
+            info=header.get("info", {}),
+        )
+        if model is not None:
+            caa.check_model(model)
+        return caa
