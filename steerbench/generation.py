@@ -291,6 +291,7 @@ def generate(
             token = _pick(logits[0, -1], temperature, top_p, gen)
             col_steered = bool(ctx.mask[0, -1]) if steer is not None else False
             strength = steer.current_strength(ctx) if (steer is not None and col_steered) else 0.0
+            col_steered = col_steered and strength != 0
             ts = TokenStep(step_no, len(seq), token, model.decode([token]), strength, col_steered)
             step_no += 1
             trace.steps.append(ts)

