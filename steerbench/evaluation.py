@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steerbench.datasets import ABItem
-from steerbench.generation import forward_batch
+from steerbench.generation import steered_suffixes
 from steerbench.model import Model, Prompt
 from steerbench.steerer import Steerer
 
@@ -40,22 +40,39 @@ def continuation_logprobs(
     progress: bool = False,
 ) -> torch.Tensor:
     """Summed log-probability of each continuation after its prompt, steered from ``prompt.steer_from``."""
+    return continuation_logprobs_many(model, prompts, continuations, [steer], batch_size, progress)[0]
+
+
+def continuation_logprobs_many(
+    model: Model,
+    prompts: Sequence[Prompt],
+    continuations: Sequence[Sequence[int]],
+    steers: Sequence[Steerer | None],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """[len(steers), N] summed continuation log-probabilities; the unsteered prefix of each
+    batch is computed once and shared by all steerers."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if not prompts:
+        raise ValueError("nothing to score")
     if any(len(c) == 0 for c in continuations):
         raise ValueError("every continuation needs at least one token")
-    out = torch.empty(len(prompts), dtype=torch.float64)
+    out = torch.empty(len(steers), len(prompts), dtype=torch.float64)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
     for chunk in tqdm(list(_batches(len(order), batch_size)), disable=not progress, leave=False):
         idx = [order[i] for i in chunk]
         seqs = [list(prompts[i].ids) + list(continuations[i]) for i in idx]
-        logits, batch = forward_batch(model, seqs, steer, [prompts[i].steer_from for i in idx])
-        for row, i in enumerate(idx):
-            n_p, n_c = len(prompts[i]), len(continuations[i])
-            start = batch.offsets[row] + n_p - 1  # logits at the last prompt token predict the first answer token
-            lp = torch.log_softmax(logits[row, start : start + n_c].float(), dim=-1)
-            target = torch.as_tensor(list(continuations[i]), device=lp.device)
-            out[i] = lp.gather(-1, target[:, None]).sum().double().cpu()
+        # the logits that predict the first answer token sit at the last prompt position
+        split = [min(prompts[i].steer_from, len(prompts[i]) - 1) for i in idx]
+        targets = [torch.as_tensor(list(continuations[i]), device=model.device) for i in idx]
+        for k, logits in steered_suffixes(model, seqs, split, [prompts[i].steer_from for i in idx], steers):
+            for row, i in enumerate(idx):
+                start = len(prompts[i]) - 1 - split[row]
+                n_c = len(continuations[i])
+                lp = torch.log_softmax(logits[row, start : start + n_c].float(), dim=-1)
+                out[k, i] = lp.gather(-1, targets[row][:, None]).sum().double().cpu()
     return out
 
 
@@ -78,19 +95,33 @@ def letter_scores(
     system: str | None = None,
 ) -> torch.Tensor:
     """Per item: P(matching letter) / (P(matching) + P(non-matching)) after "("."""
+    return letter_scores_many(model, items, [steer], batch_size, system)[0]
+
+
+def letter_scores_many(
+    model: Model,
+    items: Sequence[ABItem],
+    steers: Sequence[Steerer | None],
+    batch_size: int = 16,
+    system: str | None = None,
+) -> torch.Tensor:
+    """[len(steers), N] letter scores, sharing each batch's unsteered prefix across steerers."""
     if not items:
         raise ValueError("no items to score")
     letter_id = _letter_ids(model, {x for it in items for x in (it.matching, it.not_matching)})
     prompts = [model.prompt(it.question, answer_prefix="(", system=system) for it in items]
-    out = torch.empty(len(items), dtype=torch.float64)
+    out = torch.empty(len(steers), len(items), dtype=torch.float64)
     for chunk in _batches(len(items), batch_size):
         idx = list(chunk)
-        logits, _ = forward_batch(model, [prompts[i].ids for i in idx], steer, [prompts[i].steer_from for i in idx])
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)
-        for row, i in enumerate(idx):
-            pm = probs[row, letter_id[items[i].matching]]
-            pn = probs[row, letter_id[items[i].not_matching]]
-            out[i] = float(pm / (pm + pn))
+        seqs = [prompts[i].ids for i in idx]
+        split = [min(prompts[i].steer_from, len(prompts[i]) - 1) for i in idx]
+        for k, logits in steered_suffixes(model, seqs, split, [prompts[i].steer_from for i in idx], steers):
+            for row, i in enumerate(idx):
+                last = len(prompts[i]) - 1 - split[row]
+                probs = torch.softmax(logits[row, last].float(), dim=-1)
+                pm = probs[letter_id[items[i].matching]]
+                pn = probs[letter_id[items[i].not_matching]]
+                out[k, i] = float(pm / (pm + pn))
     return out
 
 
@@ -102,6 +133,17 @@ def likelihood_margins(
     system: str | None = None,
 ) -> torch.Tensor:
     """Per item: log p(matching answer text) - log p(non-matching answer text) after the stem."""
+    return likelihood_margins_many(model, items, [steer], batch_size, system)[0]
+
+
+def likelihood_margins_many(
+    model: Model,
+    items: Sequence[ABItem],
+    steers: Sequence[Steerer | None],
+    batch_size: int = 16,
+    system: str | None = None,
+) -> torch.Tensor:
+    """[len(steers), N] likelihood margins."""
     if not items:
         raise ValueError("no items to score")
     prompts, conts = [], []
@@ -110,8 +152,8 @@ def likelihood_margins(
         for text in (it.matching_text, it.not_matching_text):
             prompts.append(p)
             conts.append(model.encode(text, bos=False))
-    lp = continuation_logprobs(model, prompts, conts, steer, batch_size)
-    return lp[0::2] - lp[1::2]
+    lp = continuation_logprobs_many(model, prompts, conts, steers, batch_size)
+    return lp[:, 0::2] - lp[:, 1::2]
 
 
 @dataclass
@@ -130,6 +172,31 @@ class ABScore:
 READOUTS = ("letter", "likelihood")
 
 
+def ab_scores(
+    model: Model,
+    items: Sequence[ABItem],
+    steers: Sequence[Steerer | None],
+    readouts: Sequence[str] = READOUTS,
+    batch_size: int = 16,
+    system: str | None = None,
+) -> list[ABScore]:
+    """A/B readouts for each of ``steers`` (None = unsteered), sharing the unsteered prompt prefix."""
+    bad = [r for r in readouts if r not in READOUTS]
+    if bad:
+        raise ValueError(f"unknown readout(s) {bad}; choose from {READOUTS}")
+    scores = [ABScore(n=len(items)) for _ in steers]
+    if "letter" in readouts:
+        letters = letter_scores_many(model, items, steers, batch_size, system)
+        for s, row in zip(scores, letters):
+            s.letter = float(row.mean())
+    if "likelihood" in readouts:
+        margins = likelihood_margins_many(model, items, steers, batch_size, system)
+        for s, m in zip(scores, margins):
+            s.win_rate = float((m > 0).double().mean())
+            s.margin = float(m.mean())
+    return scores
+
+
 def ab_score(
     model: Model,
     items: Sequence[ABItem],
@@ -139,17 +206,7 @@ def ab_score(
     system: str | None = None,
 ) -> ABScore:
     """Both A/B readouts (or the ones named) for ``steer`` on ``items``."""
-    bad = [r for r in readouts if r not in READOUTS]
-    if bad:
-        raise ValueError(f"unknown readout(s) {bad}; choose from {READOUTS}")
-    score = ABScore(n=len(items))
-    if "letter" in readouts:
-        score.letter = float(letter_scores(model, items, steer, batch_size, system).mean())
-    if "likelihood" in readouts:
-        m = likelihood_margins(model, items, steer, batch_size, system)
-        score.win_rate = float((m > 0).double().mean())
-        score.margin = float(m.mean())
-    return score
+    return ab_scores(model, items, [steer], readouts, batch_size, system)[0]
 
 
 def ab_sweep(
@@ -165,19 +222,24 @@ def ab_sweep(
     """A/B scores over a layer x multiplier grid, as a tidy pandas DataFrame.
 
     ``make(layer, multiplier)`` returns the Steerer to score. Multiplier 0 is unsteered
-    whatever the layer, so it is scored once and repeated for each layer.
+    whatever the layer, so it is scored once. All settings share each batch's unsteered
+    prompt prefix, so a setting costs only the steered tail of the prompts.
     """
     import pandas as pd
 
-    rows = []
-    base = None
+    if not layers or not multipliers:
+        raise ValueError("give at least one layer and one multiplier")
+    for layer in layers:
+        model.check_layer(int(layer))
     grid = [(L, m) for L in layers for m in multipliers]
-    for layer, mult in tqdm(grid, desc="sweep", disable=not progress, leave=False):
+    steers: list[Steerer | None] = [None]
+    where = []
+    for layer, mult in grid:
         if mult == 0:
-            if base is None:
-                base = ab_score(model, items, None, readouts, batch_size)
-            s = base
+            where.append(0)
         else:
-            s = ab_score(model, items, make(layer, mult), readouts, batch_size)
-        rows.append({"layer": layer, "multiplier": mult, **s.as_dict()})
+            steers.append(make(layer, mult))
+            where.append(len(steers) - 1)
+    scores = ab_scores(model, items, steers, readouts, batch_size)
+    rows = [{"layer": L, "multiplier": m, **scores[w].as_dict()} for (L, m), w in zip(grid, where)]
     return pd.DataFrame(rows)

@@ -114,6 +114,64 @@ def forward_batch(
     return (out if stop_at_layer is None else None), batch
 
 
+def steered_suffixes(
+    model: Model,
+    seqs: Sequence[Sequence[int]],
+    split_at: Sequence[int],
+    steer_from: Sequence[int],
+    steers: Sequence[Steerer | None],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Logits of ``seqs[b][split_at[b]:]`` under each of ``steers``, computing the prefix once.
+
+    Steering never touches positions before ``steer_from``, so with ``split_at <=
+    steer_from`` the prefix's keys and values are the same for every steerer: they are
+    computed once, unsteered, and each steerer runs only the suffix on top of them (the
+    cache is cropped back after each). Yields ``(k, logits)`` with ``logits[b, j]`` the
+    logits at absolute position ``split_at[b] + j`` (right-padded). A steerer that
+    declares ``prefix_invariant = False`` gets a full pass instead.
+    """
+    if any(a > f for a, f in zip(split_at, steer_from)):
+        raise ValueError("split_at must not be after steer_from")
+    device = model.device
+    lengths = [len(s) for s in seqs]
+    suffixes = [list(s[a:]) for s, a in zip(seqs, split_at)]
+    width = max(len(x) for x in suffixes)
+    shared = min(split_at) > 0 and any(st is None or st.prefix_invariant for st in steers)
+    if shared:
+        pre = Batch.pad([list(s[:a]) for s, a in zip(seqs, split_at)], model.pad_id, device)
+        with torch.no_grad():
+            _, cache = model.bridge.forward(
+                pre.ids, attention_mask=pre.attention_mask, position_ids=pre.positions.clamp(min=0),
+                prepend_bos=False, return_type="logits_and_cache",
+            )
+        ids = torch.full((len(seqs), width), model.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, x in enumerate(suffixes):
+            ids[b, : len(x)] = torch.as_tensor(x)
+            mask[b, : len(x)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = torch.as_tensor(list(split_at), device=device)[:, None] + torch.arange(width, device=device)
+        full_mask = torch.cat([pre.attention_mask, mask], dim=1)
+        ctx_positions = positions.masked_fill(mask == 0, -1)
+    for k, steer in enumerate(steers):
+        if shared and (steer is None or steer.prefix_invariant):
+            ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=device))
+            ctx.set_pass(ctx_positions)
+            with torch.no_grad(), steering(model, steer, ctx):
+                logits, cache = model.bridge.forward(
+                    ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                    prepend_bos=False, return_type="logits_and_cache",
+                )
+            cache.crop(-width)
+            yield k, logits
+        else:
+            logits, batch = forward_batch(model, seqs, steer, steer_from)
+            out = logits.new_zeros((len(seqs), width, logits.shape[-1]))
+            for b, a in enumerate(split_at):
+                out[b, : lengths[b] - a] = logits[b, batch.offsets[b] + a :]
+            yield k, out
+
+
 # -------------------------------------------------------------------------------------
 # the token loop
 

@@ -87,6 +87,9 @@ class Steerer:
 
     strength: float
     observes: bool = False  # True for dynamic steerers: the loop calls observe()
+    # True when the hooks leave every position before ``steer_from`` untouched; evaluators
+    # then compute the shared unsteered prefix once for many steering settings
+    prefix_invariant: bool = True
 
     # -- what a method must say ------------------------------------------------------
     @property

@@ -1,0 +1,86 @@
+"""Command line: ``steerbench demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def demo(args: argparse.Namespace) -> int:
+    import steerbench as sb
+    from steerbench import plots
+    from steerbench.evaluation import ab_sweep
+    from steerbench.report import generations_html, write_page
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    model = sb.load_model()
+    say(f"loaded {model}")
+    train = sb.behavior(args.behaviour, "train")
+    test = sb.behavior(args.behaviour, "test")[: args.n_test]
+    questions = sb.behavior(args.behaviour, "open")[: args.n_prompts]
+    caa = sb.CAA.fit(model, train, read=args.read, layer=args.layer, dataset=f"project:{args.behaviour}")
+    path = caa.save(out / f"caa_{args.behaviour}_{args.read}.safetensors")
+    say(f"fitted CAA ({args.read} read) on {len(train)} {args.behaviour} pairs -> {path}")
+
+    rows = []
+    for q in questions:
+        print(f"\n  {q}")
+        for m in args.multipliers:
+            g = sb.generate(model, q, steer=caa.scaled(m), max_new_tokens=args.max_new_tokens)
+            rows.append({"prompt": q, "multiplier": m, "layer": caa.layer, "text": g.text})
+            print(f"    m={m:+g}: {g.text!r}")
+    (out / "generations.json").write_text(json.dumps(rows, indent=1))
+    say(f"generated {len(rows)} answers at layer {caa.layer}")
+
+    df = ab_sweep(model, lambda L, m: caa.at(L).scaled(m), test, args.sweep_layers, args.multipliers, progress=False)
+    df.to_csv(out / "ab_sweep.csv", index=False)
+    print()
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    say(f"scored {len(test)} held-out A/B items at {len(df)} settings")
+
+    title = f"steerbench demo: CAA on '{args.behaviour}' ({model.name})"
+    page = write_page(
+        out / "report.html",
+        title,
+        [
+            ("A/B score against multiplier (held-out items)", plots.ab_sweep(df, metrics=("win_rate", "letter", "margin"))),
+            (f"Generations steered at layer {caa.layer} (greedy)", generations_html(rows)),
+            ("CAA vector norm by layer", plots.vector_norms(caa.vectors)),
+            ("Sweep table", df),
+        ],
+    )
+    say(f"wrote {page}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="steerbench", description="activation steering workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="CAA on the default model: steered generations and A/B scores, as an HTML report")
+    d.add_argument("--out", default="steerbench-demo", help="folder for report.html and data (default: %(default)s)")
+    d.add_argument("--behaviour", default="tone", help="embedded behaviour set: tone or refusal (default: %(default)s)")
+    d.add_argument("--read", default="answer", choices=["answer", "letter"],
+                   help="where CAA reads activations: mean over answer tokens, or the answer letter (reference)")
+    d.add_argument("--layer", type=int, default=18, help="layer steered in the generations (default: %(default)s)")
+    d.add_argument("--sweep-layers", type=int, nargs="+", default=[6, 12, 18, 24])
+    d.add_argument("--multipliers", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
+    d.add_argument("--n-test", type=int, default=25, help="held-out A/B items scored per setting")
+    d.add_argument("--n-prompts", type=int, default=3, help="open-ended prompts to generate from")
+    d.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

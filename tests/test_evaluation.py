@@ -1,0 +1,73 @@
+import torch
+
+import steerbench as sb
+from steerbench.evaluation import ab_score, ab_sweep, continuation_logprobs, letter_scores, likelihood_margins
+
+
+def test_letter_score_matches_a_plain_forward(model, tone):
+    items = sb.behavior("tone", "test")[:5]
+    batched = letter_scores(model, items, batch_size=5)
+    single = letter_scores(model, items, batch_size=1)
+    assert torch.allclose(batched, single, atol=1e-5)
+    it = items[0]
+    p = model.prompt(it.question, answer_prefix="(")
+    with torch.no_grad():
+        probs = torch.softmax(model.hf_model(torch.tensor([p.ids])).logits[0, -1], -1)
+    a, b = (model.encode(f"({x}", bos=False)[-1] for x in (it.matching, it.not_matching))
+    assert abs(float(probs[a] / (probs[a] + probs[b])) - float(single[0])) < 1e-5
+
+
+def test_likelihood_margin_matches_a_plain_forward(model):
+    items = sb.behavior("tone", "test")[:4]
+    margins = likelihood_margins(model, items, batch_size=8)
+    it = items[1]
+    p = model.prompt(it.stem)
+
+    def lp(text):
+        ids = model.encode(text, bos=False)
+        with torch.no_grad():
+            logits = model.hf_model(torch.tensor([p.ids + ids])).logits[0]
+        ls = torch.log_softmax(logits[len(p) - 1 : -1], -1)
+        return float(ls.gather(-1, torch.tensor(ids)[:, None]).sum())
+
+    assert abs(float(margins[1]) - (lp(it.matching_text) - lp(it.not_matching_text))) < 1e-3
+
+
+def test_steering_moves_scores_and_strength_zero_does_not(model, caa):
+    items = sb.behavior("tone", "test")[:6]
+    prompts = [model.prompt(it.stem) for it in items]
+    conts = [model.encode(it.matching_text, bos=False) for it in items]
+    base = continuation_logprobs(model, prompts, conts)
+    assert torch.equal(continuation_logprobs(model, prompts, conts, caa.scaled(0)), base)
+    # large steering lowers every likelihood; the behaviour shows in the margin
+    up, mid, down = (likelihood_margins(model, items, caa.scaled(m)).mean() for m in (4, 0, -4))
+    assert up > mid > down
+
+
+def test_sweep_is_tidy_and_scores_multiplier_zero_once(model, caa):
+    items = sb.behavior("tone", "test")[:3]
+    df = ab_sweep(model, lambda L, m: caa.at(L).scaled(m), items, [6, 12], [-2, 0, 2], progress=False)
+    assert list(df.columns) == ["layer", "multiplier", "letter", "win_rate", "margin", "n"]
+    assert len(df) == 6
+    zero = df[df.multiplier == 0]
+    assert zero.margin.nunique() == 1
+    s = ab_score(model, items, caa.at(12).scaled(2))
+    row = df[(df.layer == 12) & (df.multiplier == 2)].iloc[0]
+    assert abs(row.margin - s.margin) < 1e-9
+
+
+def test_shared_prefix_scoring_equals_full_passes(model, caa):
+    from steerbench.evaluation import continuation_logprobs_many, letter_scores_many
+
+    items = sb.behavior("tone", "test")[:5]
+    shared = caa.scaled(3)
+    full = caa.scaled(3)
+    full.prefix_invariant = False  # forces a full forward for this steerer
+    letters = letter_scores_many(model, items, [None, shared, full], batch_size=3)
+    assert torch.allclose(letters[1], letters[2], atol=1e-4)
+    assert torch.allclose(letters[0], letter_scores(model, items, batch_size=5), atol=1e-4)
+    prompts = [model.prompt(it.stem) for it in items]
+    conts = [model.encode(it.matching_text, bos=False) for it in items]
+    lp = continuation_logprobs_many(model, prompts, conts, [shared, full, None], batch_size=2)
+    assert torch.allclose(lp[0], lp[1], atol=1e-3)
+    assert not torch.allclose(lp[0], lp[2], atol=1e-1)
