@@ -29,10 +29,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=30)
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
     ap.add_argument("--multipliers", type=float, nargs="+", default=[-4, 0, 4])
+    ap.add_argument("--behaviours", nargs="+", default=[f"{s}:{n}" for s, n in BEHAVIOURS],
+                    help="source:name pairs (default: %(default)s)")
+    ap.add_argument("--append", action="store_true", help="add to the existing results file")
     args = ap.parse_args()
     model = sb.load_model()
-    frames = []
-    for source, name in BEHAVIOURS:
+    frames = [pd.read_csv(OUT)] if args.append and OUT.exists() else []
+    for source, name in (b.split(":", 1) for b in args.behaviours):
         train = sb.behavior(name, "train", source)[: args.train]
         test = sb.behavior(name, "test", source)[: args.test]
         for read in ("letter", "answer"):

@@ -24,7 +24,7 @@ def demo(args: argparse.Namespace) -> int:
 
     model = sb.load_model()
     say(f"loaded {model}")
-    train = sb.behavior(args.behaviour, "train")
+    train = sb.behavior(args.behaviour, "train")[: args.n_train]
     test = sb.behavior(args.behaviour, "test")[: args.n_test]
     questions = sb.behavior(args.behaviour, "open")[: args.n_prompts]
     caa = sb.CAA.fit(model, train, read=args.read, layer=args.layer, dataset=f"project:{args.behaviour}")
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--layer", type=int, default=18, help="layer steered in the generations (default: %(default)s)")
     d.add_argument("--sweep-layers", type=int, nargs="+", default=[6, 12, 18, 24])
     d.add_argument("--multipliers", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
+    d.add_argument("--n-train", type=int, default=None, help="training pairs used (default: all)")
     d.add_argument("--n-test", type=int, default=25, help="held-out A/B items scored per setting")
     d.add_argument("--n-prompts", type=int, default=3, help="open-ended prompts to generate from")
     d.add_argument("--max-new-tokens", type=int, default=40)
