@@ -11,6 +11,7 @@ numerics, and every saved artifact records that (``Model.fingerprint()``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -164,11 +165,16 @@ class Model:
         ids = list(tok(text, add_special_tokens=False).input_ids)
         bos_id = tok.bos_token_id
         if bos is None:
-            probe = tok("a", add_special_tokens=True).input_ids
-            bos = bos_id is not None and len(probe) > 0 and probe[0] == bos_id
+            bos = self._tokenizer_adds_bos
         if bos and bos_id is not None and (not ids or ids[0] != bos_id):
             ids = [bos_id, *ids]
         return ids
+
+    @functools.cached_property
+    def _tokenizer_adds_bos(self) -> bool:
+        tok = self.tokenizer
+        probe = tok("a", add_special_tokens=True).input_ids
+        return tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         return self.tokenizer.decode(ids)
