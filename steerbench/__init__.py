@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from steerbench.activations import collect
-from steerbench.datasets import ABItem, behavior, load_ab, load_open_ended
+from steerbench.activations import collect, collect_heads, collect_resid
+from steerbench.datasets import ABItem, MCQuestion, behavior, load_ab, load_open_ended, load_truthfulqa, qa_examples
 from steerbench.generation import Generation, Trace, forward_batch, generate
 from steerbench.model import Model, Prompt, load_model
 from steerbench.steering import CAA, Decision, StepContext, StepState, Steerer
@@ -21,9 +21,14 @@ __all__ = [
     "Trace",
     "behavior",
     "collect",
+    "collect_heads",
+    "collect_resid",
     "forward_batch",
     "generate",
     "load_ab",
     "load_model",
     "load_open_ended",
+    "load_truthfulqa",
+    "MCQuestion",
+    "qa_examples",
 ]

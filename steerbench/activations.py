@@ -155,3 +155,17 @@ def _store(dest, act, idx, offsets, position, spans) -> None:
             else:
                 val = act[row, off:].mean(0)
         dest[i] = val.to("cpu", copy=True)
+
+
+def collect_heads(model: Model, inputs: Sequence[Input], position: Position = "last", **kwargs) -> torch.Tensor:
+    """Every attention head's output before W_O (``blocks.L.attn.hook_z``): [N, n_layers, n_heads, d_head]."""
+    hooks = [f"blocks.{L}.attn.hook_z" for L in range(model.n_layers)]
+    acts = collect(model, inputs, hooks, position=position, **kwargs)
+    return torch.stack([acts[h] for h in hooks], dim=1)
+
+
+def collect_resid(model: Model, inputs: Sequence[Input], position: Position = "last", **kwargs) -> torch.Tensor:
+    """The residual stream after every block (``blocks.L.hook_resid_post``): [N, n_layers, d_model]."""
+    hooks = [f"blocks.{L}.hook_resid_post" for L in range(model.n_layers)]
+    acts = collect(model, inputs, hooks, position=position, **kwargs)
+    return torch.stack([acts[h] for h in hooks], dim=1)

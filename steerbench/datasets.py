@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 _CHOICE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
@@ -174,3 +174,76 @@ def items_hash(items: Iterable[ABItem]) -> str:
     for it in items:
         h.update(json.dumps([it.question, it.matching, it.not_matching]).encode())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# TruthfulQA-format multiple-choice questions
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """A TruthfulQA-format question: a best answer, true answers and false answers."""
+
+    question: str
+    best: str
+    correct: tuple[str, ...]  # true answers (the best one included)
+    incorrect: tuple[str, ...]
+    category: str = ""
+
+
+def _split_answers(cell: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(a.strip() for a in cell.split(";") if a.strip()))
+
+
+def load_truthfulqa(path: str | os.PathLike | None = None, limit: int | None = None) -> list[MCQuestion]:
+    """Questions from a TruthfulQA-format CSV.
+
+    path=None reads TruthfulQA itself from ../shared/data/truthfulqa/TruthfulQA.csv;
+    ``"misconceptions"`` reads the project's embedded set (data/truthfulness).
+    """
+    import csv
+
+    if path is None:
+        p = shared_dir() / "truthfulqa" / "TruthfulQA.csv"
+    elif str(path) == "misconceptions":
+        p = DATA_DIR / "truthfulness" / "misconceptions.csv"
+    else:
+        p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"dataset file not found: {p}")
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        need = {"Question", "Best Answer", "Correct Answers", "Incorrect Answers"}
+        missing = need - set(reader.fieldnames or ())
+        if missing:
+            raise DatasetError(f"{p.name}: missing column(s) {', '.join(sorted(missing))}")
+        out = []
+        for i, row in enumerate(reader):
+            best = row["Best Answer"].strip()
+            correct = _split_answers(row["Correct Answers"])
+            if best and best not in correct:
+                correct = (best, *correct)
+            incorrect = _split_answers(row["Incorrect Answers"])
+            if not row["Question"].strip() or not best or not incorrect:
+                raise DatasetError(f"{p.name} row {i + 2}: a question needs text, a best answer and false answers")
+            out.append(MCQuestion(row["Question"].strip(), best, correct, incorrect, row.get("Category", "").strip()))
+    if not out:
+        raise DatasetError(f"{p} has no questions")
+    return out[:limit] if limit is not None else out
+
+
+def qa_examples(
+    questions: Sequence[MCQuestion], template: str = "Q: {question} A: {answer}"
+) -> tuple[list[str], list[int], list[int]]:
+    """One text per (question, answer): texts, labels (1 = true answer) and groups (question index).
+
+    The format ITI, FASB and REAL read head activations from (at the last token).
+    """
+    texts, labels, groups = [], [], []
+    for g, q in enumerate(questions):
+        for label, answers in ((1, q.correct), (0, q.incorrect)):
+            for a in answers:
+                texts.append(template.format(question=q.question, answer=a))
+                labels.append(label)
+                groups.append(g)
+    return texts, labels, groups
