@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import html
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from steerbench.generation import Generation
+    from steerbench.geometry import PCAProjection
+    from steerbench.probes import ProbeGrid
 
 _READOUTS = {
     "win_rate": ("Answer-likelihood readout", "matching answer likelier (share of items)"),
@@ -55,3 +66,375 @@ def vector_norms(vectors, title: str = "Steering vector norm by layer") -> go.Fi
     fig.update_layout(title=title, template="plotly_white", xaxis_title="layer",
                       yaxis_title="L2 norm of v[L] (residual-stream units)", height=360)
     return fig
+
+
+# -------------------------------------------------------------------------------------
+# sweeps and probes as heatmaps
+
+# light diverging scale: black text stays readable on every cell
+_DIVERGING = [[0.0, "#b2182b"], [0.25, "#ef8a62"], [0.5, "#f7f7f7"], [0.75, "#67a9cf"], [1.0, "#2166ac"]]
+_LIGHT_DIVERGING = [[0.0, "#ef8a62"], [0.5, "#f7f7f7"], [1.0, "#67a9cf"]]
+
+
+def sweep_heatmap(df, metric: str = "win_rate", title: str | None = None) -> go.Figure:
+    """One A/B readout over the layer x multiplier grid of ``evaluation.ab_sweep``.
+
+    Each cell is one (steered layer, multiplier) setting. Blue cells push the model towards
+    the behaviour's matching answer, red cells away from it, white is no preference (0.5 for
+    win_rate and letter, 0 nats for margin). Multipliers are evenly spaced columns whatever
+    their values.
+    """
+    if metric not in _READOUTS:
+        raise ValueError(f"metric must be one of {list(_READOUTS)}, got {metric!r}")
+    missing = [c for c in ("layer", "multiplier", metric) if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"the table has no column(s) {missing}; pass the DataFrame from evaluation.ab_sweep, "
+            f"scored with readouts that include {metric!r}"
+        )
+    if df[metric].isna().all():
+        raise ValueError(f"every {metric} value in the table is missing; score the sweep with readouts including {metric!r}")
+    dup = df.duplicated(["layer", "multiplier"])
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise ValueError(
+            f"the table has several rows for layer {first.layer}, multiplier {first.multiplier}; "
+            "keep one run per setting (e.g. average them with df.groupby(['layer', 'multiplier']).mean())"
+        )
+    table = df.pivot(index="layer", columns="multiplier", values=metric).sort_index().sort_index(axis=1)
+    z = table.to_numpy(dtype=float)
+    if metric == "margin":
+        bound = float(np.nanmax(np.abs(z))) or 1.0
+        scale = {"zmid": 0.0, "zmin": -bound, "zmax": bound}
+    else:
+        scale = {"zmid": 0.5, "zmin": 0.0, "zmax": 1.0}
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=[f"{m:g}" for m in table.columns], y=[str(L) for L in table.index],
+            colorscale=_DIVERGING, **scale, texttemplate="%{z:.2f}", xgap=1, ygap=1,
+            colorbar={"title": {"text": _READOUTS[metric][1], "side": "right"}},
+            hovertemplate=f"layer %{{y}}<br>multiplier %{{x}}<br>{metric} %{{z:.3f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title or f"{_READOUTS[metric][0]} by layer and multiplier", template="plotly_white",
+        xaxis={"title": "steering multiplier m", "type": "category"},
+        yaxis={"title": "steered layer", "type": "category"},
+        height=max(320, 36 * len(table.index) + 160), width=max(480, 60 * len(table.columns) + 260),
+    )
+    return fig
+
+
+_PROBE_METRICS = {
+    "val_acc": ("Probe validation accuracy", "validation accuracy (chance 0.5)"),
+    "val_auc": ("Probe validation ROC AUC", "validation ROC AUC (chance 0.5)"),
+    "train_acc": ("Probe training accuracy", "training accuracy (chance 0.5)"),
+}
+
+
+def head_grid(grid: ProbeGrid, metric: str = "val_acc", title: str | None = None) -> go.Figure:
+    """A probe metric for every attention head: layer (rows) x head (columns).
+
+    ``grid`` is a ProbeGrid fitted on per-head activations [N, n_layers, n_heads, d_head].
+    Bright cells are heads whose output linearly separates the two classes; 0.5 is chance.
+    Each cell's ``customdata`` is (layer, head, train_acc, val_acc, val_auc), so a click
+    handler can read the head from ``customdata[:2]``.
+    """
+    if len(grid.sites_shape) != 2:
+        raise ValueError(
+            f"head_grid needs a ProbeGrid with 2 site dims (layer, head), fitted on [N, layers, heads, d_head] "
+            f"activations; got sites_shape {grid.sites_shape}. For one probe per layer plot grid.val_acc as a line"
+        )
+    if metric not in _PROBE_METRICS:
+        raise ValueError(f"metric must be one of {list(_PROBE_METRICS)}, got {metric!r}")
+    n_layers, n_heads = grid.sites_shape
+    vals = {k: getattr(grid, k).detach().cpu().double().numpy() for k in _PROBE_METRICS}
+    z = vals[metric]
+    layer_idx, head_idx = np.indices((n_layers, n_heads))
+    custom = np.stack([layer_idx, head_idx, vals["train_acc"], vals["val_acc"], vals["val_auc"]], axis=-1)
+    lowest = float(np.nanmin(z)) if np.isfinite(z).any() else 0.5
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=custom,
+            colorscale="Viridis", zmin=min(0.5, lowest), zmax=1.0, xgap=1, ygap=1,
+            colorbar={"title": {"text": _PROBE_METRICS[metric][1], "side": "right"}},
+            hovertemplate=(
+                "layer %{customdata[0]}, head %{customdata[1]}<br>val_acc %{customdata[3]:.3f}"
+                "<br>val_auc %{customdata[4]:.3f}<br>train_acc %{customdata[2]:.3f}<extra></extra>"
+            ),
+        )
+    )
+    fig.update_layout(
+        title=title or f"{_PROBE_METRICS[metric][0]} per attention head", template="plotly_white",
+        xaxis={"title": "attention head", "dtick": 1 if n_heads <= 32 else None, "showgrid": False},
+        yaxis={"title": "layer", "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
+        height=max(320, 22 * n_layers + 160), width=max(420, 26 * n_heads + 260),
+    )
+    return fig
+
+
+# -------------------------------------------------------------------------------------
+# PCA views
+
+
+_CLASS_COLORS = ("#1f77b4", "#ff7f0e")
+_ARROW_COLOR = "#2ca02c"
+
+
+def _hover_text(text: str, limit: int = 80, width: int = 40) -> str:
+    """One example's text for a hover label: whitespace collapsed, cut at ``limit``, wrapped, escaped."""
+    t = " ".join(str(text).split())
+    if len(t) > limit:
+        t = t[: limit - 1].rstrip() + "…"
+    return "<br>".join(html.escape(line) for line in textwrap.wrap(t, width) or [""])
+
+
+def pca_scatter(proj: PCAProjection, title: str | None = None) -> go.Figure:
+    """Examples on their first two principal components, one colour per class, with the steering direction.
+
+    Hover a point to read its example. The crosses are the class means; the arrow from the
+    origin (the mean of all examples) is the steering direction's component in this plane,
+    scaled to the data. The axes share one scale, so angles are true: an arrow parallel to the
+    line between the means points from one class to the other (``proj.separation()`` is that
+    cosine, shown under the title).
+    """
+    fig = go.Figure()
+    for k in (0, 1):
+        idx = np.flatnonzero(proj.labels == k)
+        fig.add_trace(
+            go.Scatter(
+                x=proj.coords[idx, 0], y=proj.coords[idx, 1], mode="markers", name=proj.label_names[k],
+                customdata=idx, hovertext=[_hover_text(proj.texts[i]) for i in idx],
+                marker={"color": _CLASS_COLORS[k], "size": 8, "opacity": 0.75, "line": {"width": 0.5, "color": "white"}},
+                hovertemplate="%{hovertext}<br>PC1 %{x:.2f}, PC2 %{y:.2f}<extra>%{fullData.name}</extra>",
+            )
+        )
+    means = proj.class_means()
+    fig.add_trace(
+        go.Scatter(
+            x=[None if math.isnan(v) else v for v in means[:, 0]],
+            y=[None if math.isnan(v) else v for v in means[:, 1]],
+            mode="markers", name="class means", hovertext=[f"mean of {html.escape(n)}" for n in proj.label_names],
+            marker={"symbol": "x-thin", "size": 16, "line": {"width": 3, "color": list(_CLASS_COLORS)}},
+            hovertemplate="%{hovertext}<br>PC1 %{x:.2f}, PC2 %{y:.2f}<extra></extra>",
+        )
+    )
+    subtitle = ""
+    annotations: list[dict] = []
+    if proj.direction is not None:
+        dx, dy = (float(v) for v in proj.direction)
+        if dx == 0 and dy == 0:
+            annotations.append({
+                "xref": "paper", "yref": "paper", "x": 0.01, "y": 0.99, "showarrow": False, "align": "left",
+                "text": "the steering direction is orthogonal to this plane", "font": {"color": _ARROW_COLOR},
+            })
+        else:
+            annotations.append({
+                "x": dx, "y": dy, "ax": 0, "ay": 0, "xref": "x", "yref": "y", "axref": "x", "ayref": "y",
+                "text": "", "showarrow": True, "arrowhead": 2, "arrowsize": 1.2, "arrowwidth": 2.5,
+                "arrowcolor": _ARROW_COLOR,
+            })
+            annotations.append({
+                "x": dx, "y": dy, "xref": "x", "yref": "y", "text": "steering direction", "showarrow": False,
+                "xanchor": "left" if dx >= 0 else "right", "yanchor": "bottom" if dy >= 0 else "top",
+                "font": {"color": _ARROW_COLOR},
+            })
+        sep = proj.separation()
+        parts = []
+        if not math.isnan(sep):
+            parts.append(f"cos(direction, class-mean gap) = {sep:.2f}")
+        if not math.isnan(proj.direction_share):
+            parts.append(f"{proj.direction_share:.0%} of the direction's norm lies in this plane")
+        subtitle = "; ".join(parts)
+    name = title or proj.title or "Activations on their first two principal components"
+    ev = [e if np.isfinite(e) else float("nan") for e in np.asarray(proj.explained, dtype=float)]
+
+    def axis(i: int) -> str:
+        return f"PC{i + 1} ({ev[i]:.1%} of variance)" if not math.isnan(ev[i]) else f"PC{i + 1}"
+
+    fig.update_layout(
+        title={"text": name + (f"<br><sup>{subtitle}</sup>" if subtitle else "")}, template="plotly_white",
+        xaxis={"title": axis(0), "zeroline": True}, yaxis={"title": axis(1), "zeroline": True, "scaleanchor": "x"},
+        annotations=annotations, legend_title_text="class", height=520, width=640,
+    )
+    return fig
+
+
+# -------------------------------------------------------------------------------------
+# generation trace
+
+
+def _token_label(text: str, limit: int = 10) -> str:
+    t = text.replace("\n", "↵").replace("\t", "→")
+    if not t.strip():
+        t = t.replace(" ", "␣") or "∅"
+    if len(t) > limit:
+        t = t[: limit - 1] + "…"
+    return html.escape(t)
+
+
+def trace(generation: Generation, threshold: float | None = None, per_row: int = 16,
+          title: str | None = None) -> go.Figure:
+    """The token-by-token trace of one generation: what was produced, how strongly steered, what was undone.
+
+    Top: the tokens in the order they were produced, ``per_row`` to a line. Each is coloured
+    by the score the steerer observed there (when any token has one) else by the steering
+    strength of the pass that produced it; a triangle marks steered tokens; grey struck-through
+    tokens were discarded by a rollback, and the regenerated tokens follow them (⟲ marks where).
+    Bottom: the strength per step (and the score, right axis, with ``threshold`` as a dashed
+    line; ``threshold`` is ignored when no token has a score); dotted lines mark rollbacks.
+    Reads only ``generation.trace`` and ``generation.text``.
+    """
+    steps = sorted(generation.trace.steps, key=lambda s: s.step)
+    if not steps:
+        raise ValueError("the generation has no trace steps; make it with steerbench.generate, which records one per token")
+    if per_row < 1:
+        raise ValueError(f"per_row must be at least 1, got {per_row}")
+    n = len(steps)
+    cols = min(per_row, n)
+    n_rows = math.ceil(n / cols)
+    has_score = any(s.score is not None for s in steps)
+    order = {s.step: i for i, s in enumerate(steps)}  # a step number -> its cell in production order
+
+    def cell(i: int) -> tuple[int, int]:
+        r, c = divmod(i, cols)
+        return r, c
+
+    values = np.array([(s.score if has_score else s.strength) for s in steps], dtype=float)  # None -> nan
+    finite = values[np.isfinite(values)]
+    if has_score:
+        lo, hi = (0.0, 1.0) if finite.size and finite.min() >= 0 and finite.max() <= 1 else (
+            float(finite.min()), float(finite.max()) if finite.max() > finite.min() else float(finite.min()) + 1)
+        mid = threshold if threshold is not None and lo < threshold < hi else (lo + hi) / 2
+        colour_title = "score the steerer observed"
+    else:
+        bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+        lo, hi, mid = -bound, bound, 0.0
+        colour_title = "steering strength"
+
+    z = np.full((n_rows, cols), np.nan)
+    z_gone = np.full((n_rows, cols), np.nan)
+    for i, s in enumerate(steps):
+        r, c = cell(i)
+        if s.discarded:
+            z_gone[r, c] = 1.0
+        else:
+            z[r, c] = values[i]
+
+    tok_h, curve_h = 46 * n_rows + 30, 260
+    height = tok_h + curve_h + 190
+    fig = make_subplots(
+        rows=2, cols=1, row_heights=[tok_h, curve_h], vertical_spacing=70 / height,
+        specs=[[{}], [{"secondary_y": True}]],
+        subplot_titles=[f"tokens in the order produced, coloured by {colour_title}",
+                        "steering strength" + (" and score" if has_score else "") + " per step"],
+    )
+    dom = fig.layout.yaxis.domain
+    fig.add_trace(go.Heatmap(
+        z=z, colorscale=_LIGHT_DIVERGING, zmin=lo, zmax=hi, zmid=mid, xgap=2, ygap=2, hoverinfo="skip",
+        name=colour_title, colorbar={"title": {"text": colour_title, "side": "right"}, "len": dom[1] - dom[0],
+                                     "y": dom[1], "yanchor": "top", "thickness": 14},
+    ), row=1, col=1)
+    fig.add_trace(go.Heatmap(
+        z=z_gone, colorscale=[[0, "#e6e6e6"], [1, "#e6e6e6"]], showscale=False, xgap=2, ygap=2,
+        hoverinfo="skip", name="discarded",
+    ), row=1, col=1)
+
+    labels, hovers, colours, xs, ys = [], [], [], [], []
+    for i, s in enumerate(steps):
+        r, c = cell(i)
+        lab = _token_label(s.text)
+        labels.append(f"<s>{lab}</s>" if s.discarded else lab)
+        colours.append("#8c8c8c" if s.discarded else "#111111")
+        xs.append(c)
+        ys.append(r)
+        score = "n/a" if s.score is None else f"{s.score:.3g}"
+        hovers.append(
+            f"step {s.step}, position {s.position}<br>token {html.escape(repr(s.text))} (id {s.token_id})"
+            f"<br>strength {s.strength:.3g} ({'steered' if s.steered else 'not steered'})<br>score {score}"
+            + ("<br><b>discarded by a rollback</b>" if s.discarded else "")
+        )
+    fig.add_trace(go.Scatter(
+        x=xs, y=ys, mode="text", text=labels, textfont={"color": colours, "size": 13}, hovertext=hovers,
+        hovertemplate="%{hovertext}<extra></extra>", name="tokens", showlegend=False,
+    ), row=1, col=1)
+    steered = [i for i, s in enumerate(steps) if s.steered]
+    fig.add_trace(go.Scatter(
+        x=[cell(i)[1] for i in steered], y=[cell(i)[0] + 0.36 for i in steered], mode="markers",
+        marker={"symbol": "triangle-up", "size": 7, "color": "#2ca02c"}, name="steered token", hoverinfo="skip",
+    ), row=1, col=1)
+    rollbacks = [e for e in generation.trace.events if e.kind == "rollback" and e.step in order]
+    if rollbacks:
+        fig.add_trace(go.Scatter(
+            x=[cell(order[e.step])[1] - 0.47 for e in rollbacks], y=[cell(order[e.step])[0] - 0.28 for e in rollbacks],
+            mode="text", text=["⟲"] * len(rollbacks), textfont={"color": "#d62728", "size": 14},
+            textposition="middle right", name="regenerated from here", hoverinfo="skip",
+        ), row=1, col=1)
+
+    step_no = [s.step for s in steps]
+    point_colour = ["#bdbdbd" if s.discarded else "#1f77b4" for s in steps]
+    fig.add_trace(go.Scatter(
+        x=step_no, y=[s.strength for s in steps], mode="lines+markers", line={"shape": "hv", "color": "#1f77b4"},
+        marker={"color": point_colour, "size": 7}, name="strength",
+        hovertemplate="step %{x}<br>strength %{y:.3g}<extra></extra>",
+    ), row=2, col=1, secondary_y=False)
+    if has_score:
+        scored = [s for s in steps if s.score is not None]
+        fig.add_trace(go.Scatter(
+            x=[s.step for s in scored], y=[s.score for s in scored], mode="lines+markers",
+            line={"color": "#ff7f0e"}, name="score",
+            marker={"color": ["#bdbdbd" if s.discarded else "#ff7f0e" for s in scored], "size": 7},
+            hovertemplate="step %{x}<br>score %{y:.3g}<extra></extra>",
+        ), row=2, col=1, secondary_y=True)
+        if threshold is not None:
+            fig.add_trace(go.Scatter(
+                x=[step_no[0] - 0.5, step_no[-1] + 0.5], y=[threshold, threshold], mode="lines",
+                line={"dash": "dash", "color": "#7f7f7f"}, name=f"threshold {threshold:g}", hoverinfo="skip",
+            ), row=2, col=1, secondary_y=True)
+    for e in generation.trace.events:
+        if e.kind not in ("rollback", "rollback_refused"):
+            continue
+        k = e.detail.get("tokens", "?")
+        refused = e.kind == "rollback_refused"
+        fig.add_vline(
+            x=e.step - 0.5, row=2, col=1, line_dash="dot", line_color="#ff9896" if refused else "#d62728",
+            annotation_text=f"rollback of {k} refused" if refused else f"rollback {k}",
+            annotation_font_color="#d62728", annotation_position="top left",
+        )
+
+    n_gone = sum(s.discarded for s in steps)
+    n_rb = len(generation.trace.rollbacks)
+    text = " ".join(generation.text.split())
+    text = text if len(text) <= 110 else text[:109] + "…"
+    head = title or f"Generation trace: {n - n_gone} tokens kept, {n_gone} discarded in {n_rb} rollback(s)"
+    fig.update_layout(
+        title={"text": f"{head}<br><sup>final text: {html.escape(text)}</sup>"}, template="plotly_white",
+        height=height, width=max(720, 64 * cols + 240),
+        legend={"y": fig.layout.yaxis2.domain[1], "yanchor": "top"},
+    )
+    fig.update_xaxes(visible=False, range=[-0.5, cols - 0.5], row=1, col=1)
+    fig.update_yaxes(visible=False, autorange="reversed", row=1, col=1)
+    fig.update_xaxes(title_text="generation step (every token produced, discarded ones included)", row=2, col=1)
+    fig.update_yaxes(title_text="steering strength (0 = unsteered)", row=2, col=1, secondary_y=False)
+    if has_score:
+        fig.update_yaxes(title_text="score the steerer observed", row=2, col=1, secondary_y=True, showgrid=False)
+    return fig
+
+
+# -------------------------------------------------------------------------------------
+# export
+
+
+def save_html(fig: go.Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a standalone HTML page (plotly.js inlined: it opens offline); returns the path.
+
+    Creates missing folders. The camera button of the saved page downloads an SVG, for papers
+    and slides.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(
+        str(p), include_plotlyjs=True, full_html=True,
+        config={"displaylogo": False, "toImageButtonOptions": {"format": "svg", "filename": p.stem}},
+    )
+    return p

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from steerbench.activations import collect
+from steerbench.activations import collect_resid
 from steerbench.artifacts import check_fingerprint, load_artifact, save_artifact
 from steerbench.datasets import ABItem, items_hash
 from steerbench.model import Model
@@ -55,6 +55,21 @@ def caa_inputs(model: Model, items: Sequence[ABItem], read: str, system: str | N
             seqs.append(prompt + answer)
             spans.append(span)
     return seqs, spans
+
+
+def caa_activations(
+    model: Model, items: Sequence[ABItem], read: str = "letter", system: str | None = None, batch_size: int = 16
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """The residual streams CAA reads: [2N, n_layers, d_model], matching answers first.
+
+    Returns (activations, labels with 1 = matching, the answer texts) — what PCA plots of
+    the behaviour show.
+    """
+    seqs, spans = caa_inputs(model, items, read, system)
+    acts = collect_resid(model, seqs, position="mean", spans=spans, batch_size=batch_size)
+    labels = [1] * len(items) + [0] * len(items)
+    texts = [it.matching_text for it in items] + [it.not_matching_text for it in items]
+    return acts, labels, texts
 
 
 @dataclass
@@ -98,11 +113,9 @@ class CAA(Steerer):
         if not items:
             raise ValueError("CAA needs at least one A/B item to fit")
         layer = model.n_layers // 2 if layer is None else model.check_layer(layer)
-        seqs, spans = caa_inputs(model, items, read, system)
-        hooks = [resid_hook(L) for L in range(model.n_layers)]
-        acts = collect(model, seqs, hooks, position="mean", spans=spans, batch_size=batch_size)
+        acts, _, _ = caa_activations(model, items, read, system, batch_size)
         n = len(items)
-        vectors = torch.stack([(acts[h][:n] - acts[h][n:]).mean(0) for h in hooks]).float()
+        vectors = (acts[:n] - acts[n:]).mean(0).float()  # v[L] = mean(pos - neg)
         return cls(
             vectors=vectors,
             layer=layer,
