@@ -74,6 +74,11 @@ def vector_norms(vectors, title: str = "Steering vector norm by layer") -> go.Fi
 # light diverging scale: black text stays readable on every cell
 _DIVERGING = [[0.0, "#b2182b"], [0.25, "#ef8a62"], [0.5, "#f7f7f7"], [0.75, "#67a9cf"], [1.0, "#2166ac"]]
 _LIGHT_DIVERGING = [[0.0, "#ef8a62"], [0.5, "#f7f7f7"], [1.0, "#67a9cf"]]
+_COLORBAR = {
+    "win_rate": "share of items<br>where the matching<br>answer is likelier",
+    "letter": "P(matching letter)<br>/ (P(A) + P(B))",
+    "margin": "log p(matching)<br>− log p(other)<br>(nats)",
+}
 
 
 def sweep_heatmap(df, metric: str = "win_rate", title: str | None = None) -> go.Figure:
@@ -112,7 +117,7 @@ def sweep_heatmap(df, metric: str = "win_rate", title: str | None = None) -> go.
         go.Heatmap(
             z=z, x=[f"{m:g}" for m in table.columns], y=[str(L) for L in table.index],
             colorscale=_DIVERGING, **scale, texttemplate="%{z:.2f}", xgap=1, ygap=1,
-            colorbar={"title": {"text": _READOUTS[metric][1], "side": "right"}},
+            colorbar={"title": {"text": _COLORBAR[metric], "side": "top"}},
             hovertemplate=f"layer %{{y}}<br>multiplier %{{x}}<br>{metric} %{{z:.3f}}<extra></extra>",
         )
     )
@@ -120,15 +125,15 @@ def sweep_heatmap(df, metric: str = "win_rate", title: str | None = None) -> go.
         title=title or f"{_READOUTS[metric][0]} by layer and multiplier", template="plotly_white",
         xaxis={"title": "steering multiplier m", "type": "category"},
         yaxis={"title": "steered layer", "type": "category"},
-        height=max(320, 36 * len(table.index) + 160), width=max(480, 60 * len(table.columns) + 260),
+        height=max(380, 36 * len(table.index) + 180), width=max(520, 64 * len(table.columns) + 280),
     )
     return fig
 
 
 _PROBE_METRICS = {
-    "val_acc": ("Probe validation accuracy", "validation accuracy (chance 0.5)"),
-    "val_auc": ("Probe validation ROC AUC", "validation ROC AUC (chance 0.5)"),
-    "train_acc": ("Probe training accuracy", "training accuracy (chance 0.5)"),
+    "val_acc": ("Probe validation accuracy", "validation<br>accuracy<br>(chance 0.5)"),
+    "val_auc": ("Probe validation ROC AUC", "validation<br>ROC AUC<br>(chance 0.5)"),
+    "train_acc": ("Probe training accuracy", "training<br>accuracy<br>(chance 0.5)"),
 }
 
 
@@ -157,7 +162,7 @@ def head_grid(grid: ProbeGrid, metric: str = "val_acc", title: str | None = None
         go.Heatmap(
             z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=custom,
             colorscale="Viridis", zmin=min(0.5, lowest), zmax=1.0, xgap=1, ygap=1,
-            colorbar={"title": {"text": _PROBE_METRICS[metric][1], "side": "right"}},
+            colorbar={"title": {"text": _PROBE_METRICS[metric][1], "side": "top"}},
             hovertemplate=(
                 "layer %{customdata[0]}, head %{customdata[1]}<br>val_acc %{customdata[3]:.3f}"
                 "<br>val_auc %{customdata[4]:.3f}<br>train_acc %{customdata[2]:.3f}<extra></extra>"
@@ -168,7 +173,7 @@ def head_grid(grid: ProbeGrid, metric: str = "val_acc", title: str | None = None
         title=title or f"{_PROBE_METRICS[metric][0]} per attention head", template="plotly_white",
         xaxis={"title": "attention head", "dtick": 1 if n_heads <= 32 else None, "showgrid": False},
         yaxis={"title": "layer", "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
-        height=max(320, 22 * n_layers + 160), width=max(420, 26 * n_heads + 260),
+        height=max(380, 22 * n_layers + 180), width=max(460, 26 * n_heads + 280),
     )
     return fig
 
@@ -303,14 +308,17 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     values = np.array([(s.score if has_score else s.strength) for s in steps], dtype=float)  # None -> nan
     finite = values[np.isfinite(values)]
     if has_score:
-        lo, hi = (0.0, 1.0) if finite.size and finite.min() >= 0 and finite.max() <= 1 else (
-            float(finite.min()), float(finite.max()) if finite.max() > finite.min() else float(finite.min()) + 1)
+        if not finite.size or (finite.min() >= 0 and finite.max() <= 1):
+            lo, hi = 0.0, 1.0  # probabilities
+        else:
+            lo, hi = float(finite.min()), float(finite.max())
+            hi = hi if hi > lo else lo + 1.0
         mid = threshold if threshold is not None and lo < threshold < hi else (lo + hi) / 2
-        colour_title = "score the steerer observed"
+        colour_title = "score"
     else:
         bound = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
         lo, hi, mid = -bound, bound, 0.0
-        colour_title = "steering strength"
+        colour_title = "strength"
 
     z = np.full((n_rows, cols), np.nan)
     z_gone = np.full((n_rows, cols), np.nan)
@@ -326,14 +334,14 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     fig = make_subplots(
         rows=2, cols=1, row_heights=[tok_h, curve_h], vertical_spacing=70 / height,
         specs=[[{}], [{"secondary_y": True}]],
-        subplot_titles=[f"tokens in the order produced, coloured by {colour_title}",
+        subplot_titles=[f"tokens in the order produced, coloured by {'the score the steerer observed' if has_score else 'steering strength'}",
                         "steering strength" + (" and score" if has_score else "") + " per step"],
     )
     dom = fig.layout.yaxis.domain
     fig.add_trace(go.Heatmap(
         z=z, colorscale=_LIGHT_DIVERGING, zmin=lo, zmax=hi, zmid=mid, xgap=2, ygap=2, hoverinfo="skip",
-        name=colour_title, colorbar={"title": {"text": colour_title, "side": "right"}, "len": dom[1] - dom[0],
-                                     "y": dom[1], "yanchor": "top", "thickness": 14},
+        name=colour_title, colorbar={"title": {"text": colour_title, "side": "top"}, "lenmode": "pixels", "len": max(80, tok_h - 10),
+                                     "y": dom[1], "yanchor": "top", "thickness": 14, "x": 1.02},
     ), row=1, col=1)
     fig.add_trace(go.Heatmap(
         z=z_gone, colorscale=[[0, "#e6e6e6"], [1, "#e6e6e6"]], showscale=False, xgap=2, ygap=2,
@@ -410,14 +418,17 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     fig.update_layout(
         title={"text": f"{head}<br><sup>final text: {html.escape(text)}</sup>"}, template="plotly_white",
         height=height, width=max(720, 64 * cols + 240),
-        legend={"y": fig.layout.yaxis2.domain[1], "yanchor": "top"},
+        legend={"y": fig.layout.yaxis2.domain[1], "yanchor": "top", "x": 1.1 if has_score else 1.02},
     )
     fig.update_xaxes(visible=False, range=[-0.5, cols - 0.5], row=1, col=1)
     fig.update_yaxes(visible=False, autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text="generation step (every token produced, discarded ones included)", row=2, col=1)
     fig.update_yaxes(title_text="steering strength (0 = unsteered)", row=2, col=1, secondary_y=False)
     if has_score:
-        fig.update_yaxes(title_text="score the steerer observed", row=2, col=1, secondary_y=True, showgrid=False)
+        pad = 0.04 * (hi - lo)
+        fig.update_yaxes(title_text="score the steerer observed", row=2, col=1, secondary_y=True, showgrid=False,
+                         tickmode="auto", range=[min(lo, threshold if threshold is not None else lo) - pad,
+                                                 max(hi, threshold if threshold is not None else hi) + pad])
     return fig
 
 
