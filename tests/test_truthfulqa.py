@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+import steerbench as sb
+from steerbench.datasets import MCQuestion
+from steerbench.truthfulqa import PROMPTS, mc_metrics, mc_score, mc_scores
+
+
+def test_mc_metrics_on_known_log_probabilities():
+    true_lp, false_lp = [-1.0, -3.0, -0.5], [-2.0, -0.7]
+    mc1, mc2, mc3 = mc_metrics(true_lp, false_lp, best=0)
+    assert mc1 == 0.0  # best (-1.0) loses to -0.7
+    e = [math.exp(x) for x in true_lp + false_lp]
+    assert mc2 == pytest.approx(sum(e[:3]) / sum(e), abs=1e-12)
+    assert mc3 == pytest.approx(1 / 3)  # only -0.5 beats -0.7
+    assert mc_metrics([-0.1], [-5.0, -6.0]) == (1.0, pytest.approx(1 / (1 + math.exp(-4.9) + math.exp(-5.9))), 1.0)
+    with pytest.raises(ValueError, match="at least one true and one false"):
+        mc_metrics([], [-1.0])
+    with pytest.raises(ValueError, match="best=3"):
+        mc_metrics([-1.0], [-2.0], best=3)
+
+
+def test_batched_scoring_equals_naive_one_answer_at_a_time(model):
+    questions = sb.load_truthfulqa("misconceptions")[:3]
+    res = mc_score(model, questions, prompt="plain", batch_size=16)
+    per_q = []
+    for q in questions:
+        ids = model.encode(PROMPTS["plain"].format(question=q.question))
+        scores = []
+        for a in (*q.correct, *q.incorrect):
+            ans = model.encode(" " + a, bos=False)
+            with torch.no_grad():
+                logits = model.hf_model(torch.tensor([ids + ans])).logits[0]
+            ls = torch.log_softmax(logits[len(ids) - 1 : -1].double(), -1)
+            scores.append(float(ls.gather(-1, torch.tensor(ans)[:, None]).sum()))
+        per_q.append(mc_metrics(scores[: len(q.correct)], scores[len(q.correct):], q.correct.index(q.best)))
+    for got, want in zip(res.per_question, per_q):
+        assert got[0] == want[0] and got[2] == want[2]
+        assert abs(got[1] - want[1]) < 1e-4
+
+
+def test_steering_changes_scores_and_strength_zero_does_not(model, caa):
+    questions = sb.load_truthfulqa("misconceptions")[:4]
+    base, zero, steered = mc_scores(model, questions, [None, caa.scaled(0), caa.scaled(8)], prompt="plain")
+    assert zero.per_question == base.per_question
+    assert steered.per_question != base.per_question
+
+
+def test_bad_prompt_and_empty_input(model):
+    q = MCQuestion("Why?", "Because.", ("Because.",), ("No reason.",))
+    with pytest.raises(ValueError, match="contain '\\{question\\}'"):
+        mc_score(model, [q], prompt="no placeholder")
+    with pytest.raises(ValueError, match="no questions"):
+        mc_score(model, [])
