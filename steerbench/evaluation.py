@@ -142,6 +142,7 @@ def likelihood_margins_many(
     steers: Sequence[Steerer | None],
     batch_size: int = 16,
     system: str | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """[len(steers), N] likelihood margins."""
     if not items:
@@ -152,7 +153,7 @@ def likelihood_margins_many(
         for text in (it.matching_text, it.not_matching_text):
             prompts.append(p)
             conts.append(model.encode(text, bos=False))
-    lp = continuation_logprobs_many(model, prompts, conts, steers, batch_size)
+    lp = continuation_logprobs_many(model, prompts, conts, steers, batch_size, progress)
     return lp[:, 0::2] - lp[:, 1::2]
 
 
@@ -179,6 +180,7 @@ def ab_scores(
     readouts: Sequence[str] = READOUTS,
     batch_size: int = 16,
     system: str | None = None,
+    progress: bool = False,
 ) -> list[ABScore]:
     """A/B readouts for each of ``steers`` (None = unsteered), sharing the unsteered prompt prefix."""
     bad = [r for r in readouts if r not in READOUTS]
@@ -190,7 +192,7 @@ def ab_scores(
         for s, row in zip(scores, letters):
             s.letter = float(row.mean())
     if "likelihood" in readouts:
-        margins = likelihood_margins_many(model, items, steers, batch_size, system)
+        margins = likelihood_margins_many(model, items, steers, batch_size, system, progress)
         for s, m in zip(scores, margins):
             s.win_rate = float((m > 0).double().mean())
             s.margin = float(m.mean())
@@ -240,6 +242,6 @@ def ab_sweep(
         else:
             steers.append(make(layer, mult))
             where.append(len(steers) - 1)
-    scores = ab_scores(model, items, steers, readouts, batch_size)
+    scores = ab_scores(model, items, steers, readouts, batch_size, progress=progress)
     rows = [{"layer": L, "multiplier": m, **scores[w].as_dict()} for (L, m), w in zip(grid, where)]
     return pd.DataFrame(rows)

@@ -138,12 +138,19 @@ def steered_suffixes(
     width = max(len(x) for x in suffixes)
     shared = min(split_at) > 0 and any(st is None or st.prefix_invariant for st in steers)
     if shared:
-        pre = Batch.pad([list(s[:a]) for s, a in zip(seqs, split_at)], model.pad_id, device)
+        # each distinct prefix once (answers to one question share it), then one cache row per sequence
+        prefixes = [tuple(s[:a]) for s, a in zip(seqs, split_at)]
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(prefixes))}
+        row_of = torch.tensor([distinct[p] for p in prefixes], device=device)
+        pre = Batch.pad([list(p) for p in distinct], model.pad_id, device)
         with torch.no_grad():
             _, cache = model.bridge.forward(
                 pre.ids, attention_mask=pre.attention_mask, position_ids=pre.positions.clamp(min=0),
                 prepend_bos=False, return_type="logits_and_cache",
             )
+        if len(distinct) < len(seqs):
+            cache.reorder_cache(row_of)
+        prefix_mask = pre.attention_mask[row_of]
         ids = torch.full((len(seqs), width), model.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for b, x in enumerate(suffixes):
@@ -151,7 +158,7 @@ def steered_suffixes(
             mask[b, : len(x)] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = torch.as_tensor(list(split_at), device=device)[:, None] + torch.arange(width, device=device)
-        full_mask = torch.cat([pre.attention_mask, mask], dim=1)
+        full_mask = torch.cat([prefix_mask, mask], dim=1)
         ctx_positions = positions.masked_fill(mask == 0, -1)
     for k, steer in enumerate(steers):
         if shared and (steer is None or steer.prefix_invariant):
