@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steerbench.datasets import ABItem
-from steerbench.generation import steered_suffixes
+from steerbench.generation import SharedHead, steered_suffixes
 from steerbench.model import Model, Prompt
 from steerbench.steerer import Steerer
 
@@ -43,6 +43,11 @@ def continuation_logprobs(
     return continuation_logprobs_many(model, prompts, continuations, [steer], batch_size, progress)[0]
 
 
+def _split(prompt: Prompt) -> int:
+    # the logits that predict the first answer token sit at the last prompt position
+    return min(prompt.steer_from, len(prompt) - 1)
+
+
 def continuation_logprobs_many(
     model: Model,
     prompts: Sequence[Prompt],
@@ -60,14 +65,16 @@ def continuation_logprobs_many(
     if any(len(c) == 0 for c in continuations):
         raise ValueError("every continuation needs at least one token")
     out = torch.empty(len(steers), len(prompts), dtype=torch.float64)
+    # a prefix all prompts share (instruction, few-shot primer) is computed once for all batches
+    head = SharedHead.of(model, [p.ids for p in prompts], limit=min(_split(p) for p in prompts) - 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
     for chunk in tqdm(list(_batches(len(order), batch_size)), disable=not progress, leave=False):
         idx = [order[i] for i in chunk]
         seqs = [list(prompts[i].ids) + list(continuations[i]) for i in idx]
-        # the logits that predict the first answer token sit at the last prompt position
-        split = [min(prompts[i].steer_from, len(prompts[i]) - 1) for i in idx]
+        split = [_split(prompts[i]) for i in idx]
         targets = [torch.as_tensor(list(continuations[i]), device=model.device) for i in idx]
-        for k, logits in steered_suffixes(model, seqs, split, [prompts[i].steer_from for i in idx], steers):
+        steer_from = [prompts[i].steer_from for i in idx]
+        for k, logits in steered_suffixes(model, seqs, split, steer_from, steers, head):
             for row, i in enumerate(idx):
                 start = len(prompts[i]) - 1 - split[row]
                 n_c = len(continuations[i])

@@ -15,6 +15,7 @@ steering strength changed at the rollback, earlier tokens keep their earlier ste
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -114,12 +115,51 @@ def forward_batch(
     return (out if stop_at_layer is None else None), batch
 
 
+@dataclass
+class SharedHead:
+    """Keys and values of a token prefix that every sequence of an evaluation starts with
+    (e.g. an instruction and a few-shot primer), computed once, unsteered."""
+
+    ids: list[int]
+    cache: object  # a transformers Cache with batch size 1
+
+    @classmethod
+    def of(cls, model: Model, seqs: Sequence[Sequence[int]], limit: int) -> "SharedHead | None":
+        """The longest common prefix of ``seqs`` (at most ``limit`` tokens), or None if empty."""
+        first = seqs[0]
+        n = min(limit, *(len(s) for s in seqs))
+        for s in seqs[1:]:
+            j = 0
+            while j < n and s[j] == first[j]:
+                j += 1
+            n = j
+        if n < 1:
+            return None
+        ids = torch.tensor([list(first[:n])], device=model.device)
+        with torch.no_grad():
+            _, cache = model.bridge.forward(ids, return_type="logits_and_cache", prepend_bos=False)
+        return cls(list(first[:n]), cache)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def expanded(self, rows: int):
+        """A fresh copy of the cache with ``rows`` identical rows (the original stays as it is)."""
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self.cache_device()))
+        return cache
+
+    def cache_device(self) -> torch.device:
+        return self.cache.layers[0].keys.device
+
+
 def steered_suffixes(
     model: Model,
     seqs: Sequence[Sequence[int]],
     split_at: Sequence[int],
     steer_from: Sequence[int],
     steers: Sequence[Steerer | None],
+    head: SharedHead | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Logits of ``seqs[b][split_at[b]:]`` under each of ``steers``, computing the prefix once.
 
@@ -129,9 +169,14 @@ def steered_suffixes(
     cache is cropped back after each). Yields ``(k, logits)`` with ``logits[b, j]`` the
     logits at absolute position ``split_at[b] + j`` (right-padded). A steerer that
     declares ``prefix_invariant = False`` gets a full pass instead.
+
+    ``head``: a :class:`SharedHead` that every sequence starts with and that ends before
+    every ``split_at``; its cache is reused instead of recomputing it for the batch.
     """
     if any(a > f for a, f in zip(split_at, steer_from)):
         raise ValueError("split_at must not be after steer_from")
+    if head is not None and (len(head) >= min(split_at) or any(list(s[: len(head)]) != head.ids for s in seqs)):
+        raise ValueError("the shared head must be a prefix of every sequence that ends before split_at")
     device = model.device
     lengths = [len(s) for s in seqs]
     suffixes = [list(s[a:]) for s, a in zip(seqs, split_at)]
@@ -139,18 +184,26 @@ def steered_suffixes(
     shared = min(split_at) > 0 and any(st is None or st.prefix_invariant for st in steers)
     if shared:
         # each distinct prefix once (answers to one question share it), then one cache row per sequence
-        prefixes = [tuple(s[:a]) for s, a in zip(seqs, split_at)]
+        h = 0 if head is None else len(head)
+        prefixes = [tuple(s[h:a]) for s, a in zip(seqs, split_at)]
         distinct = {p: i for i, p in enumerate(dict.fromkeys(prefixes))}
         row_of = torch.tensor([distinct[p] for p in prefixes], device=device)
         pre = Batch.pad([list(p) for p in distinct], model.pad_id, device)
+        pre_mask = pre.attention_mask
+        past = None
+        if head is not None:
+            # the head's keys/values once per row, then each distinct rest of the prefix on top
+            # (left padding sits between the head and the rest; it is masked out)
+            past = head.expanded(len(distinct))
+            pre_mask = torch.cat([torch.ones(len(distinct), h, dtype=pre_mask.dtype, device=device), pre_mask], 1)
         with torch.no_grad():
             _, cache = model.bridge.forward(
-                pre.ids, attention_mask=pre.attention_mask, position_ids=pre.positions.clamp(min=0),
-                prepend_bos=False, return_type="logits_and_cache",
+                pre.ids, attention_mask=pre_mask, position_ids=pre.positions.clamp(min=0) + h,
+                past_key_values=past, prepend_bos=False, return_type="logits_and_cache",
             )
         if len(distinct) < len(seqs):
             cache.reorder_cache(row_of)
-        prefix_mask = pre.attention_mask[row_of]
+        prefix_mask = pre_mask[row_of]
         ids = torch.full((len(seqs), width), model.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for b, x in enumerate(suffixes):

@@ -22,12 +22,15 @@ def test_mc_metrics_on_known_log_probabilities():
         mc_metrics([-1.0], [-2.0], best=3)
 
 
-def test_batched_scoring_equals_naive_one_answer_at_a_time(model):
-    questions = sb.load_truthfulqa("misconceptions")[:3]
-    res = mc_score(model, questions, prompt="plain", batch_size=16)
+@pytest.mark.parametrize("prompt,n,batch_size", [("plain", 3, 16), ("instruction+primer", 2, 5)])
+def test_batched_scoring_equals_naive_one_answer_at_a_time(model, prompt, n, batch_size):
+    # the primer is computed once for all batches and shared (SharedHead); batch_size 5 splits
+    # a question's answers across batches
+    questions = sb.load_truthfulqa("misconceptions")[:n]
+    res = mc_score(model, questions, prompt=prompt, batch_size=batch_size)
     per_q = []
     for q in questions:
-        ids = model.encode(PROMPTS["plain"].format(question=q.question))
+        ids = model.encode(PROMPTS[prompt].format(question=q.question))
         scores = []
         for a in (*q.correct, *q.incorrect):
             ans = model.encode(" " + a, bos=False)
