@@ -1,4 +1,4 @@
-"""Command line: ``steerbench demo``."""
+"""Command line: ``steerbench demo`` and ``steerbench bench``."""
 
 from __future__ import annotations
 
@@ -62,7 +62,47 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    import steerbench as sb
+    from steerbench import plots
+    from steerbench.benchmark import HeadActivations, parse_grid, run_bench
+    from steerbench.report import write_page
+    import pandas as pd
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grids = parse_grid(args.set)  # fail on a typo before loading anything
+    model = sb.load_model()
+    data = None if args.data == "truthfulqa" else args.data
+    questions = sb.load_truthfulqa(data, limit=args.limit)
+    print(f"[{time.time() - t0:6.1f}s] {model}; {len(questions)} questions from {args.data}; "
+          f"{args.folds}-fold CV by question, {1 - args.val_fraction:.0%}/{args.val_fraction:.0%} fit/val inside each fold")
+    result = run_bench(
+        model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
+        prompt=args.prompt, grids=grids, select=args.select, batch_size=args.batch_size,
+        heads=HeadActivations(model, questions, cache=not args.no_cache, progress=True),
+    )
+    table = result.summary()
+    print()
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    result.config["title"] = f"{args.data}: MC scores, {args.folds}-fold CV ({model.name})"
+    result.to_json(out / "results.json")
+    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k != "val"} for r in result.folds])
+    pd_folds.to_csv(out / "folds.csv", index=False)
+    fig = result.figure()
+    plots.save_html(fig, out / "bench_bars.html")
+    page = write_page(out / "report.html", result.config["title"],
+                      [("Test scores by method (each question scored once, in its test fold)", fig),
+                       ("Summary", table), ("Per fold", pd_folds)])
+    print(f"[{time.time() - t0:6.1f}s] wrote {out / 'results.json'} and {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from steerbench.benchmark import METHODS
+    from steerbench.truthfulqa import PROMPTS
+
     parser = argparse.ArgumentParser(prog="steerbench", description="activation steering workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="CAA on the default model: steered generations and A/B scores, as an HTML report")
@@ -77,9 +117,27 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n-test", type=int, default=25, help="held-out A/B items scored per setting")
     d.add_argument("--n-prompts", type=int, default=3, help="open-ended prompts to generate from")
     d.add_argument("--max-new-tokens", type=int, default=40)
+    b = sub.add_parser("bench", help="compare steering methods on TruthfulQA-format data with cross-validation")
+    b.add_argument("--methods", nargs="+", default=["baseline", "iti"], choices=sorted(METHODS),
+                   help="methods to compare (default: %(default)s)")
+    b.add_argument("--data", default="truthfulqa",
+                   help="truthfulqa (../shared/data), misconceptions (embedded) or a TruthfulQA-format CSV")
+    b.add_argument("--limit", type=int, default=None, help="use the first N questions (default: all)")
+    b.add_argument("--folds", type=int, default=2)
+    b.add_argument("--val-fraction", type=float, default=0.2, help="validation share of each fold's training questions")
+    b.add_argument("--seed", type=int, default=42)
+    b.add_argument("--prompt", default="instruction+primer", choices=sorted(PROMPTS))
+    b.add_argument("--select", default="mc2", choices=["mc1", "mc2", "mc3"], help="validation metric that picks hyperparameters")
+    b.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
+                   help="override a method's hyperparameter grid, e.g. --set iti.alpha=5,15 (repeatable)")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
+    b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "bench":
+        return bench(args)
     return 2
 
 

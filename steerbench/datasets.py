@@ -247,3 +247,17 @@ def qa_examples(
                 labels.append(label)
                 groups.append(g)
     return texts, labels, groups
+
+
+def neutral_texts(path: str | os.PathLike | None = None) -> list[str]:
+    """Paragraphs of neutral text (default: data/neutral/paragraphs.txt), for measuring how far
+    an intervention moves the model off-task (``evaluation.kl_to_unsteered``)."""
+    p = Path(path) if path is not None else DATA_DIR / "neutral" / "paragraphs.txt"
+    if not p.exists():
+        raise DatasetError(f"dataset file not found: {p}")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if not ln.startswith("#")]
+    paras = [" ".join(block.split()) for block in "\n".join(lines).split("\n\n")]
+    out = [t for t in paras if t]
+    if not out:
+        raise DatasetError(f"{p} has no paragraphs")
+    return out

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steerbench.datasets import ABItem
-from steerbench.generation import SharedHead, steered_suffixes
+from steerbench.generation import SharedHead, forward_batch, steered_suffixes
 from steerbench.model import Model, Prompt
 from steerbench.steerer import Steerer
 
@@ -252,3 +252,34 @@ def ab_sweep(
     scores = ab_scores(model, items, steers, readouts, batch_size, progress=progress)
     rows = [{"layer": L, "multiplier": m, **scores[w].as_dict()} for (L, m), w in zip(grid, where)]
     return pd.DataFrame(rows)
+
+
+def kl_to_unsteered(
+    model: Model,
+    texts: Sequence[str],
+    steers: Sequence[Steerer | None],
+    batch_size: int = 8,
+) -> list[float]:
+    """Mean KL(unsteered || steered) of the next-token distributions, per steerer.
+
+    Every position of every text is steered (from the first token on) and every position's
+    prediction counts, as ITI's off-task KL on neutral text. 0 for None.
+    """
+    if not texts:
+        raise ValueError("no texts to measure KL on")
+    seqs = [model.encode(t) for t in texts]
+    total = torch.zeros(len(steers), dtype=torch.float64)
+    count = 0
+    for chunk in _batches(len(seqs), batch_size):
+        batch = [seqs[i] for i in chunk]
+        base, b = forward_batch(model, batch)
+        keep = b.attention_mask.bool()
+        base_lp = torch.log_softmax(base.float(), -1)[keep]
+        count += int(keep.sum())
+        for k, steer in enumerate(steers):
+            if steer is None:
+                continue
+            logits, _ = forward_batch(model, batch, steer, steer_from=[0] * len(batch))
+            lp = torch.log_softmax(logits.float(), -1)[keep]
+            total[k] += float((base_lp.exp() * (base_lp - lp)).sum())
+    return (total / count).tolist()

@@ -436,6 +436,45 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
 # export
 
 
+def bench_bars(summary, metrics: Sequence[str] = ("mc1", "mc2", "mc3"), title: str = "TruthfulQA MC") -> go.Figure:
+    """Grouped bars of each method's MC scores, with its off-task KL beside them.
+
+    ``summary`` is ``BenchResult.summary()``: one row per method with the metric columns,
+    ``kl`` and ``chosen`` (the hyperparameters chosen on validation in each fold).
+    """
+    missing = [m for m in (*metrics, "method") if m not in summary.columns]
+    if missing:
+        raise ValueError(f"the summary has no column(s) {', '.join(missing)}")
+    has_kl = "kl" in summary.columns
+    fig = make_subplots(rows=1, cols=2 if has_kl else 1, column_widths=[0.75, 0.25] if has_kl else None,
+                        subplot_titles=("cross-validated test score", "KL to unsteered on neutral text") if has_kl else None)
+    palette = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    names = {"mc1": "MC1", "mc2": "MC2", "mc3": "MC3"}
+    for k, row in enumerate(summary.itertuples(index=False)):
+        chosen = getattr(row, "chosen", "")
+        fig.add_trace(
+            go.Bar(
+                x=[names.get(m, m) for m in metrics], y=[getattr(row, m) for m in metrics], name=row.method,
+                legendgroup=row.method, marker_color=palette[k % len(palette)],
+                text=[f"{getattr(row, m):.3f}" for m in metrics], textposition="outside",
+                hovertemplate=f"{row.method}<br>%{{x}} %{{y:.3f}}<br>chosen: {html.escape(str(chosen))}<extra></extra>",
+            ),
+            row=1, col=1,
+        )
+        if has_kl:
+            fig.add_trace(
+                go.Bar(x=[row.method], y=[row.kl], name=row.method, legendgroup=row.method, showlegend=False,
+                       marker_color=palette[k % len(palette)], hovertemplate="%{x}<br>KL %{y:.4f} nats<extra></extra>"),
+                row=1, col=2,
+            )
+    fig.update_yaxes(title_text="score", range=[0, 1], row=1, col=1)
+    if has_kl:
+        fig.update_yaxes(title_text="nats per token", row=1, col=2)
+    fig.update_layout(title=title, template="plotly_white", barmode="group", height=440, width=900,
+                      legend_title_text="method")
+    return fig
+
+
 def save_html(fig: go.Figure, path: str | Path) -> Path:
     """Write ``fig`` as a standalone HTML page (plotly.js inlined: it opens offline); returns the path.
 

@@ -240,6 +240,7 @@ def fit_probes(
     C: float = 1.0,
     max_iter: int = 1000,
     tol: float = 1e-4,
+    split: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> ProbeGrid:
     """Fit one binary logistic-regression probe per site of ``acts`` [N, *sites, d].
 
@@ -247,6 +248,8 @@ def fit_probes(
         (``group_split``; default: every example its own group).
     C: inverse L2 strength, as in sklearn. tol: stop when no gradient entry exceeds it.
     backend: "sklearn" (a loop over sites, the default) or "torch" (all sites in one batched L-BFGS).
+    split: explicit (train rows, validation rows) instead of ``group_split(groups)``; rows of one
+        group must not be on both sides.
     Returns a :class:`ProbeGrid`.
     """
     if backend not in BACKENDS:
@@ -280,7 +283,17 @@ def fit_probes(
         raise ValueError(
             f"acts contain NaN or inf in {int((~finite).sum())} of {N} examples; drop or recollect them"
         )
-    train_idx, val_idx = group_split(groups, val_fraction=val_fraction, seed=seed)
+    if split is None:
+        train_idx, val_idx = group_split(groups, val_fraction=val_fraction, seed=seed)
+    else:
+        train_idx, val_idx = (np.asarray(sorted(int(i) for i in part), dtype=np.int64) for part in split)
+        if len(train_idx) == 0 or len(val_idx) == 0:
+            raise ValueError("split needs at least one training row and one validation row")
+        if min(train_idx[0], val_idx[0]) < 0 or max(train_idx[-1], val_idx[-1]) >= N:
+            raise ValueError(f"split rows must be between 0 and {N - 1}")
+        g = _as_list(groups)
+        if {g[i] for i in train_idx} & {g[i] for i in val_idx}:
+            raise ValueError("split puts rows of one group on both sides")
     y = torch.from_numpy(y_np)
     y_tr, y_va = y[train_idx], y[val_idx]
     if y_tr.min() == y_tr.max():

@@ -37,3 +37,14 @@ def caa(model, tone):
 
 def hook_count(model: Model) -> int:
     return sum(len(p.fwd_hooks) for p in set(model.bridge.hook_dict.values()))
+
+
+@pytest.fixture(scope="session")
+def plain_hf(model):
+    """The same weights in a Hugging Face model that TransformerLens never touched."""
+    from transformers import AutoModelForCausalLM
+
+    from steerbench.model import cache_dir
+
+    path = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()

@@ -1,18 +1,9 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import steerbench as sb
 from steerbench.artifacts import ArtifactMismatch
-from steerbench.model import cache_dir
 from tests.conftest import hook_count
-
-
-@pytest.fixture(scope="module")
-def plain_hf():
-    """The same weights in a Hugging Face model that TransformerLens never touched."""
-    path = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
 
 
 def reference_vectors(hf, tokenizer, items, read):

@@ -15,3 +15,20 @@ def test_demo_writes_a_report(model, tmp_path, capsys):
     assert (out / "ab_sweep.csv").read_text().count("\n") == 4
     assert list(out.glob("caa_tone_answer.safetensors"))
     assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_writes_results_and_refuses_a_bad_grid_before_loading(model, tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(ValueError, match="has no parameter"):
+        main(["bench", "--set", "iti.beta=1"])
+    out = tmp_path / "bench"
+    rc = main(["bench", "--data", "misconceptions", "--limit", "10", "--prompt", "plain", "--no-cache",
+               "--set", "iti.k=2", "--set", "iti.alpha=5", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [s["method"] for s in data["summary"]] == ["baseline", "iti"]
+    assert data["config"]["grids"]["iti"]["k"] == [2]
+    assert "plotly" in (out / "report.html").read_text() and (out / "folds.csv").exists()
+    printed = capsys.readouterr().out
+    assert "mc2" in printed and "baseline" in printed

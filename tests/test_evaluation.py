@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import steerbench as sb
@@ -71,3 +72,16 @@ def test_shared_prefix_scoring_equals_full_passes(model, caa):
     lp = continuation_logprobs_many(model, prompts, conts, [shared, full, None], batch_size=2)
     assert torch.allclose(lp[0], lp[1], atol=1e-3)
     assert not torch.allclose(lp[0], lp[2], atol=1e-1)
+
+
+def test_kl_to_unsteered_is_zero_unsteered_and_grows_with_strength(model, caa):
+    from steerbench.datasets import neutral_texts
+    from steerbench.evaluation import kl_to_unsteered
+
+    texts = neutral_texts()[:3]
+    assert len(neutral_texts()) >= 10
+    none, zero, small, big = kl_to_unsteered(model, texts, [None, caa.scaled(0), caa.scaled(2), caa.scaled(8)])
+    assert none == 0.0 and zero == pytest.approx(0.0, abs=1e-9)
+    assert 0 < small < big
+    with pytest.raises(ValueError, match="no texts"):
+        kl_to_unsteered(model, [], [caa])

@@ -2,5 +2,6 @@
 
 from steerbench.steerer import Decision, StepContext, StepState, Steerer
 from steerbench.steering.caa import CAA
+from steerbench.steering.iti import ITI, HeadProbes
 
-__all__ = ["CAA", "Decision", "StepContext", "StepState", "Steerer"]
+__all__ = ["CAA", "HeadProbes", "ITI", "Decision", "StepContext", "StepState", "Steerer"]

@@ -1,0 +1,322 @@
+"""Comparing steering methods on TruthfulQA-format data, with cross-validation by question.
+
+``run_bench`` is what ``steerbench bench`` runs:
+
+1. The questions are split into ``n_folds`` folds (seeded permutation). For each fold, the
+   other folds are the training questions, which are split again ``1 - val_fraction`` /
+   ``val_fraction`` (by question, seeded) into *fit* and *validation* questions.
+2. Each method sees only the fit and validation questions of the fold: it fits on the
+   fit questions and proposes candidate steerers (its hyperparameter grid); the candidate
+   with the best validation score (``select``, MC2 by default) is chosen.
+3. The chosen steerer is scored on the fold's test questions (MC1/MC2/MC3, same prompt for
+   every method) and its off-task KL is measured on neutral text.
+
+Test questions never reach a method's fitting or selection (``tests/test_benchmark.py``
+checks the splits and what each method was given). Methods plug in with ``@register``:
+a :class:`Method` names itself, declares a default grid and turns (fit, validation)
+questions into candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from steerbench.activations import collect_heads
+from steerbench.artifacts import load_artifact, save_artifact
+from steerbench.datasets import MCQuestion, neutral_texts, qa_examples
+from steerbench.evaluation import kl_to_unsteered
+from steerbench.model import Model, cache_dir
+from steerbench.probes import group_split
+from steerbench.steerer import Steerer
+from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
+from steerbench.truthfulqa import mc_scores
+
+METRICS = ("mc1", "mc2", "mc3")
+
+
+# -------------------------------------------------------------------------------------
+# splits
+
+
+def question_folds(n: int, n_folds: int = 2, seed: int = 42) -> list[tuple[list[int], list[int]]]:
+    """(train, test) question indices for each fold: a seeded permutation cut into ``n_folds``."""
+    if n_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    if n < 2 * n_folds:
+        raise ValueError(f"{n} questions are too few for {n_folds} folds (need at least {2 * n_folds})")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), n_folds)
+    out = []
+    for f in range(n_folds):
+        test = sorted(int(i) for i in parts[f])
+        train = sorted(int(i) for g, p in enumerate(parts) if g != f for i in p)
+        out.append((train, test))
+    return out
+
+
+def inner_split(train: Sequence[int], val_fraction: float = 0.2, seed: int = 42) -> tuple[list[int], list[int]]:
+    """Fit and validation question indices out of a fold's training questions (by question)."""
+    fit_rows, val_rows = group_split(list(train), val_fraction=val_fraction, seed=seed)
+    return [int(train[i]) for i in fit_rows], [int(train[i]) for i in val_rows]
+
+
+# -------------------------------------------------------------------------------------
+# head activations, collected once for all folds and methods
+
+
+class HeadActivations:
+    """Every head's ``hook_z`` at the last token of ``template`` for every answer of
+    ``questions``, collected once (lazily) and sliced per fold; cached on disk by model
+    fingerprint, questions and template unless ``cache=False``."""
+
+    def __init__(self, model: Model, questions: Sequence[MCQuestion], template: str = TEMPLATE,
+                 cache: bool = True, batch_size: int = 16, progress: bool | None = None):
+        self.model, self.questions, self.template = model, list(questions), template
+        self.cache, self.batch_size, self.progress = cache, batch_size, progress
+        self._acts: torch.Tensor | None = None
+        self._rows: dict[MCQuestion, range] = {}
+        at = 0
+        for q in self.questions:
+            n = len(q.correct) + len(q.incorrect)
+            self._rows.setdefault(q, range(at, at + n))
+            at += n
+        self.seconds = 0.0  # time spent collecting (0 when read from the disk cache)
+
+    def path(self) -> Path:
+        fp = self.model.fingerprint()
+        key = hashlib.sha256(
+            json.dumps([fp.get("weights_sha256"), fp.get("model_name"), questions_hash(self.questions), self.template]).encode()
+        ).hexdigest()[:16]
+        return cache_dir() / "activations" / f"heads-{key}.safetensors"
+
+    def all(self) -> torch.Tensor:
+        if self._acts is None:
+            p = self.path()
+            if self.cache and p.exists():
+                self._acts = load_artifact(p)[0]["z"]
+            else:
+                t0 = time.perf_counter()
+                texts, _, _ = qa_examples(self.questions, self.template)
+                self._acts = collect_heads(self.model, texts, batch_size=self.batch_size, progress=self.progress)
+                self.seconds = time.perf_counter() - t0
+                if self.cache:
+                    save_artifact(p, {"z": self._acts}, {"what": "hook_z at the last token", "template": self.template,
+                                                         "fitted_on": self.model.fingerprint()})
+        return self._acts
+
+    def of(self, questions: Sequence[MCQuestion]) -> torch.Tensor:
+        """Rows of ``questions`` in ``qa_examples`` order: [N_answers, n_layers, n_heads, d_head]."""
+        missing = [q.question for q in questions if q not in self._rows]
+        if missing:
+            raise KeyError(f"no activations for question {missing[0]!r}")
+        rows = torch.tensor([i for q in questions for i in self._rows[q]])
+        return self.all()[rows]
+
+
+# -------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass
+class FitData:
+    """What a method may see in one fold: never the fold's test questions."""
+
+    model: Model
+    fit: list[MCQuestion]
+    val: list[MCQuestion]
+    heads: HeadActivations
+
+
+class Method:
+    """A steering method as the benchmark runs it. Subclass, set ``name`` and ``grid``,
+    implement ``candidates``, and decorate with ``@register``."""
+
+    name: str = ""
+    description: str = ""
+    grid: dict[str, list] = {}
+
+    def candidates(self, data: FitData, grid: dict[str, list]) -> list[tuple[dict, Steerer | None]]:
+        """(hyperparameters, steerer) for every point of ``grid``, fitted on ``data.fit``
+        (``data.val`` may be used to rank features, as ITI ranks heads)."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a name")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+@register
+class Baseline(Method):
+    name = "baseline"
+    description = "no steering"
+
+    def candidates(self, data, grid):
+        return [({}, None)]
+
+
+@register
+class ITIMethod(Method):
+    name = "iti"
+    description = "Inference-Time Intervention: top-K head probes, mass-mean directions, alpha * sigma"
+    # K around 5% of the heads (METHODS.md): 14 of SmolLM2-135M's 270; alpha 15 is the reference default
+    grid = {"k": [8, 16, 32], "alpha": [5.0, 15.0, 30.0], "direction": ["mass_mean"]}
+
+    def candidates(self, data, grid):
+        probes = HeadProbes.fit(data.model, data.fit, data.val, acts=data.heads.of(data.fit + data.val))
+        return [
+            ({"k": int(k), "alpha": float(a), "direction": d}, probes.select(int(k), float(a), d))
+            for d in grid["direction"] for k in grid["k"] for a in grid["alpha"]
+        ]
+
+
+def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
+    """``["iti.k=8,16", "iti.alpha=15"]`` -> ``{"iti": {"k": [8, 16], "alpha": [15.0]}}``."""
+    out: dict[str, dict[str, list]] = {}
+    for s in settings:
+        try:
+            key, values = s.split("=", 1)
+            method, param = key.split(".", 1)
+        except ValueError:
+            raise ValueError(f"a setting looks like method.param=v1,v2 (e.g. iti.alpha=5,15), got {s!r}") from None
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in {s!r}; known: {', '.join(METHODS)}")
+        if param not in METHODS[method].grid:
+            raise ValueError(f"{method} has no parameter {param!r}; it has: {', '.join(METHODS[method].grid) or 'none'}")
+        kind = type(METHODS[method].grid[param][0])
+        try:
+            out.setdefault(method, {})[param] = [kind(v) for v in values.split(",") if v != ""]
+        except ValueError:
+            raise ValueError(f"{s!r}: {param} takes {kind.__name__} values") from None
+    return out
+
+
+# -------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class BenchResult:
+    folds: list[dict]  # one row per (method, fold)
+    per_question: dict[str, dict[int, tuple[float, float, float]]]  # method -> question index -> MC1..3
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per method: MC1/MC2/MC3 over all test questions, mean KL, times, choices per fold."""
+        rows = []
+        for method, per_q in self.per_question.items():
+            vals = np.array(list(per_q.values()))
+            fr = [f for f in self.folds if f["method"] == method]
+            rows.append({
+                "method": method,
+                **{m: float(vals[:, j].mean()) for j, m in enumerate(METRICS)},
+                "kl": float(np.mean([f["kl"] for f in fr])),
+                "n": len(per_q),
+                "fit_s": float(sum(f["fit_s"] for f in fr)),
+                "score_s": float(sum(f["score_s"] for f in fr)),
+                "chosen": "; ".join(_fmt_params(f["params"]) for f in fr),
+            })
+        return pd.DataFrame(rows)
+
+    def to_json(self, path: str | Path) -> Path:
+        p = Path(path)
+        payload = {"config": self.config, "summary": self.summary().to_dict("records"), "folds": self.folds,
+                   "per_question": {m: {str(i): v for i, v in d.items()} for m, d in self.per_question.items()}}
+        p.write_text(json.dumps(payload, indent=1, default=float))
+        return p
+
+    def figure(self):
+        from steerbench import plots
+
+        return plots.bench_bars(self.summary(), title=self.config.get("title", "TruthfulQA MC, cross-validated"))
+
+
+def _fmt_params(params: dict) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def run_bench(
+    model: Model,
+    questions: Sequence[MCQuestion],
+    methods: Sequence[str] = ("baseline", "iti"),
+    n_folds: int = 2,
+    seed: int = 42,
+    val_fraction: float = 0.2,
+    prompt: str = "instruction+primer",
+    grids: dict[str, dict[str, list]] | None = None,
+    select: str = "mc2",
+    kl_texts: Sequence[str] | None = None,
+    batch_size: int = 16,
+    heads: HeadActivations | None = None,
+    log: Callable[[str], None] = print,
+) -> BenchResult:
+    """Cross-validated MC1/MC2/MC3 and off-task KL of each of ``methods`` (see module doc)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if select not in METRICS:
+        raise ValueError(f"select must be one of {METRICS}, got {select!r}")
+    questions = list(questions)
+    folds = question_folds(len(questions), n_folds, seed)
+    heads = heads or HeadActivations(model, questions)
+    kl_texts = neutral_texts() if kl_texts is None else list(kl_texts)
+    grids = grids or {}
+    rows: list[dict] = []
+    per_question: dict[str, dict[int, tuple[float, float, float]]] = {m: {} for m in methods}
+    t_all = time.perf_counter()
+    for f, (train, test) in enumerate(folds):
+        fit_idx, val_idx = inner_split(train, val_fraction, seed)
+        data = FitData(model, [questions[i] for i in fit_idx], [questions[i] for i in val_idx], heads)
+        test_q = [questions[i] for i in test]
+        n_answers = sum(len(q.correct) + len(q.incorrect) for q in test_q)
+        for name in methods:
+            method = METHODS[name]
+            grid = {**method.grid, **grids.get(name, {})}
+            t0 = time.perf_counter()
+            collected = heads.seconds
+            cands = method.candidates(data, grid)
+            val_scores: list[float] = []
+            if len(cands) > 1:
+                res = mc_scores(model, data.val, [s for _, s in cands], prompt=prompt, batch_size=batch_size)
+                val_scores = [getattr(r, select) for r in res]
+                best = int(np.argmax(val_scores))  # first of equals: grids list the milder settings first
+            else:
+                best = 0
+            params, steer = cands[best]
+            fit_s = time.perf_counter() - t0 - (heads.seconds - collected)  # activation collection is shared
+            t0 = time.perf_counter()
+            res = mc_scores(model, test_q, [steer], prompt=prompt, batch_size=batch_size)[0]
+            score_s = time.perf_counter() - t0
+            kl = kl_to_unsteered(model, kl_texts, [steer])[0] if steer is not None else 0.0
+            for i, v in zip(test, res.per_question):
+                per_question[name][i] = v
+            rows.append({
+                "method": name, "fold": f, "params": params, "describe": steer.describe() if steer else "none",
+                "mc1": res.mc1, "mc2": res.mc2, "mc3": res.mc3, "kl": kl, "n_test": len(test),
+                "n_fit": len(fit_idx), "n_val": len(val_idx), "fit_s": fit_s, "score_s": score_s,
+                "answers_per_s": n_answers / score_s,
+                "val": [{"params": p, select: v} for (p, _), v in zip(cands, val_scores)],
+            })
+            log(f"fold {f} {name:>10}: {_fmt_params(params)}  test MC1 {res.mc1:.3f} MC2 {res.mc2:.3f} "
+                f"MC3 {res.mc3:.3f}  KL {kl:.4f}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
+    config = {
+        "n_questions": len(questions), "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
+        "prompt": prompt, "select": select, "methods": list(methods), "model": model.name,
+        "grids": {m: {**METHODS[m].grid, **grids.get(m, {})} for m in methods},
+        "head_collection_s": heads.seconds, "total_s": time.perf_counter() - t_all,
+        "splits": [{"train": tr, "test": te} for tr, te in folds],
+    }
+    return BenchResult(rows, per_question, config)

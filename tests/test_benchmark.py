@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+import steerbench as sb
+from steerbench.benchmark import (
+    METHODS, HeadActivations, Method, inner_split, parse_grid, question_folds, register, run_bench,
+)
+
+
+def test_folds_partition_the_questions_and_inner_split_stays_inside_training():
+    folds = question_folds(50, n_folds=2, seed=42)
+    tests = [set(te) for _, te in folds]
+    assert tests[0].isdisjoint(tests[1]) and tests[0] | tests[1] == set(range(50))
+    for train, test in folds:
+        assert set(train) == set(range(50)) - set(test)
+        fit, val = inner_split(train, 0.2, seed=42)
+        assert set(fit) | set(val) == set(train) and not set(fit) & set(val)
+        assert len(val) == 5  # 20% of 25 training questions
+    assert question_folds(50, 2, seed=42) == folds and question_folds(50, 2, seed=7) != folds
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        question_folds(50, 1)
+    with pytest.raises(ValueError, match="too few"):
+        question_folds(3, 2)
+
+
+@pytest.fixture
+def spy():
+    """A method that records every question it is shown."""
+    seen = []
+
+    @register
+    class Spy(Method):
+        name = "spy"
+        grid = {"strength": [0.0, 1.0]}
+
+        def candidates(self, data, grid):
+            seen.append((list(data.fit), list(data.val)))
+            data.heads.of(data.fit + data.val)  # what ITI reads
+            return [({"strength": s}, None) for s in grid["strength"]]
+
+    yield seen
+    METHODS.pop("spy")
+
+
+def test_no_test_question_reaches_fitting_or_selection(model, spy):
+    questions = sb.load_truthfulqa("misconceptions")[:12]
+    heads = HeadActivations(model, questions, cache=False)
+    read = []
+    real_of = heads.of
+    heads.of = lambda qs: (read.append(list(qs)), real_of(qs))[1]
+    res = run_bench(model, questions, methods=["spy"], prompt="plain", kl_texts=["A short neutral text."],
+                    heads=heads, log=lambda s: None)
+    splits = res.config["splits"]
+    assert len(spy) == 2 == len(splits)
+    for (fit, val), split, acts_read in zip(spy, splits, read):
+        test = {questions[i] for i in split["test"]}
+        assert test.isdisjoint(fit) and test.isdisjoint(val) and test.isdisjoint(acts_read)
+        assert set(fit) | set(val) == {questions[i] for i in split["train"]}
+    # every question is scored exactly once, in its test fold
+    assert sorted(res.per_question["spy"]) == list(range(12))
+
+
+def test_iti_bench_end_to_end_on_the_embedded_set(model, tmp_path):
+    questions = sb.load_truthfulqa("misconceptions")[:16]
+    res = run_bench(model, questions, methods=["baseline", "iti"], prompt="plain",
+                    grids={"iti": {"k": [4], "alpha": [0.0, 10.0]}}, kl_texts=sb.datasets.neutral_texts()[:2],
+                    heads=HeadActivations(model, questions, cache=False), log=lambda s: None)
+    table = res.summary()
+    assert list(table.method) == ["baseline", "iti"]
+    assert table.loc[0, "kl"] == 0.0 and table.loc[0, "chosen"] == "-; -"
+    iti_rows = [r for r in res.folds if r["method"] == "iti"]
+    for r in iti_rows:
+        assert [v["params"]["alpha"] for v in r["val"]] == [0.0, 10.0]
+        best = max(r["val"], key=lambda v: v["mc2"])
+        assert r["params"]["alpha"] == best["params"]["alpha"] or r["val"][0]["mc2"] == r["val"][1]["mc2"]
+        assert (r["kl"] > 0) == (r["params"]["alpha"] > 0)
+        if r["params"]["alpha"] == 0:  # alpha 0 chosen: identical to the baseline, question for question
+            base = [b for b in res.folds if b["method"] == "baseline" and b["fold"] == r["fold"]][0]
+            assert r["mc2"] == base["mc2"]
+    data = json.loads(res.to_json(tmp_path / "r.json").read_text())
+    assert {s["method"] for s in data["summary"]} == {"baseline", "iti"}
+    fig = res.figure()
+    assert {t.name for t in fig.data} == {"baseline", "iti"}
+
+
+def test_grid_overrides_parse_and_refuse_typos():
+    assert parse_grid(["iti.k=8,16", "iti.alpha=15"]) == {"iti": {"k": [8, 16], "alpha": [15.0]}}
+    with pytest.raises(ValueError, match="unknown method 'itti'"):
+        parse_grid(["itti.k=8"])
+    with pytest.raises(ValueError, match="has no parameter 'K'"):
+        parse_grid(["iti.K=8"])
+    with pytest.raises(ValueError, match="takes int values"):
+        parse_grid(["iti.k=eight"])
+    with pytest.raises(ValueError, match="method.param=v1,v2"):
+        parse_grid(["iti"])
+    with pytest.raises(ValueError, match="unknown method"):
+        run_bench(None, [], methods=["nope"])
