@@ -6,11 +6,12 @@ from steerbench.activations import collect, collect_heads, collect_resid
 from steerbench.datasets import ABItem, MCQuestion, behavior, load_ab, load_open_ended, load_truthfulqa, qa_examples
 from steerbench.generation import Generation, Trace, forward_batch, generate
 from steerbench.model import Model, Prompt, load_model
-from steerbench.steering import CAA, HeadProbes, ITI, Decision, StepContext, StepState, Steerer
+from steerbench.steering import CAA, FASB, HeadProbes, ITI, Decision, StepContext, StepState, Steerer
 
 __all__ = [
     "ABItem",
     "CAA",
+    "FASB",
     "HeadProbes",
     "ITI",
     "Decision",

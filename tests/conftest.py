@@ -48,3 +48,21 @@ def plain_hf(model):
 
     path = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def mc_questions():
+    return sb.load_truthfulqa("misconceptions")[:14]
+
+
+@pytest.fixture(scope="session")
+def head_acts(model, mc_questions):
+    from steerbench.steering.iti import TEMPLATE
+
+    texts, _, _ = sb.qa_examples(mc_questions, TEMPLATE)
+    return sb.collect_heads(model, texts)
+
+
+@pytest.fixture(scope="session")
+def head_probes(model, mc_questions, head_acts):
+    return sb.HeadProbes.fit(model, mc_questions, acts=head_acts)

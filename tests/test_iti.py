@@ -3,26 +3,18 @@ import torch
 
 import steerbench as sb
 from steerbench.artifacts import ArtifactMismatch
-from steerbench.datasets import qa_examples
 from steerbench.generation import forward_batch
-from steerbench.steering.iti import TEMPLATE
 from tests.conftest import hook_count
 
 
-@pytest.fixture(scope="module")
-def questions():
-    return sb.load_truthfulqa("misconceptions")[:14]
+@pytest.fixture
+def questions(mc_questions):
+    return mc_questions
 
 
-@pytest.fixture(scope="module")
-def head_acts(model, questions):
-    texts, _, _ = qa_examples(questions, TEMPLATE)
-    return sb.collect_heads(model, texts)
-
-
-@pytest.fixture(scope="module")
-def probes(model, questions, head_acts):
-    return sb.HeadProbes.fit(model, questions, acts=head_acts)
+@pytest.fixture
+def probes(head_probes):
+    return head_probes
 
 
 def test_selection_ranks_heads_by_validation_accuracy(model, probes):

@@ -3,5 +3,6 @@
 from steerbench.steerer import Decision, StepContext, StepState, Steerer
 from steerbench.steering.caa import CAA
 from steerbench.steering.iti import ITI, HeadProbes
+from steerbench.steering.fasb import FASB
 
-__all__ = ["CAA", "HeadProbes", "ITI", "Decision", "StepContext", "StepState", "Steerer"]
+__all__ = ["CAA", "FASB", "HeadProbes", "ITI", "Decision", "StepContext", "StepState", "Steerer"]

@@ -1,0 +1,120 @@
+import dataclasses
+
+import pytest
+import torch
+
+import steerbench as sb
+from steerbench.artifacts import ArtifactMismatch
+from steerbench.model import Prompt
+from steerbench.steering.fasb import FASB
+from tests.conftest import hook_count
+
+PROMPT = "Q: What happens if you swallow chewing gum?\nA:"
+
+
+@dataclasses.dataclass
+class Scripted(FASB):
+    """FASB whose mean P(true) is read from a script, one value per observed token."""
+
+    script: list = dataclasses.field(default_factory=list)
+
+    def p_true(self, z):
+        return torch.tensor(self.script.pop(0) if self.script else 0.9)
+
+
+@pytest.fixture
+def heads(head_probes):
+    return head_probes.select(8)
+
+
+def run(model, steer, n=12, **kw):
+    return sb.generate(model, PROMPT, steer=steer, max_new_tokens=n, chat=False, stop_at_eos=False, **kw)
+
+
+def test_scripted_probe_backs_off_exactly_backtrack_tokens_and_regenerates_steered(model, heads):
+    f = Scripted(heads, strength=10.0, threshold=0.5, backtrack=3, script=[0.9] * 5 + [0.2])
+    g = run(model, f)
+    base = run(model, None)
+    (ev,) = g.trace.rollbacks
+    assert ev.detail["tokens"] == 3 and ev.step == 6  # after the 6th token was produced
+    steps = g.trace.steps
+    assert [s.discarded for s in steps[:6]] == [False] * 3 + [True] * 3
+    assert [s.token_id for s in steps[:6]] == base.tokens[:6]  # unsteered until the rollback
+    kept = g.trace.kept
+    assert len(kept) == 12 and g.tokens[:3] == base.tokens[:3]
+    assert all(not s.steered for s in kept[:3])
+    assert all(s.steered and s.strength == pytest.approx(10.0 * 0.8) for s in kept[3:])
+    assert g.tokens != base.tokens
+    # every kept token has its P(true) in the trace; the rollback's note says why
+    assert all(s.score is not None for s in kept) and "P(true)=0.20" in ev.detail["note"]
+    assert [e.kind for e in g.trace.events] == ["strength", "rollback"]
+
+
+def test_no_check_before_backtrack_tokens_exist_and_once_by_default(model, heads):
+    f = Scripted(heads, strength=10.0, threshold=0.5, backtrack=4, script=[0.1, 0.1, 0.1, 0.9, 0.1, 0.1])
+    g = run(model, f, n=10)
+    (ev,) = g.trace.rollbacks  # low scores before token 4 are ignored; after acting once it stops checking
+    assert ev.step == 5 and ev.detail["tokens"] == 4  # 0.9 at token 4, 0.1 at token 5
+    rep = Scripted(heads, strength=10.0, threshold=0.5, backtrack=2, repeat=True, script=[0.1] * 100)
+    g = run(model, rep, n=6, max_rollbacks=3)
+    assert len(g.trace.rollbacks) == 3
+    assert any(e.kind == "rollback_refused" for e in g.trace.events)
+
+
+def test_threshold_zero_never_intervenes_and_equals_unsteered(model, heads):
+    f = FASB(heads, strength=60.0, threshold=0.0, backtrack=2)
+    g = run(model, f)
+    assert g.tokens == run(model, None).tokens
+    assert not g.trace.rollbacks and all(0 <= s.score <= 1 and not s.steered for s in g.trace.steps)
+    assert FASB(heads, threshold=0.6).monitor().threshold == 0.0
+    assert run(model, f.scaled(0)).tokens == run(model, None).tokens
+
+
+def test_cache_cropped_continuation_equals_recomputing_from_scratch(model, heads):
+    f = FASB(heads, strength=8.0, threshold=1.0, backtrack=4)  # threshold 1: always acts at the 4th token
+    g = run(model, f, n=14)
+    (ev,) = g.trace.rollbacks
+    s = next(e.detail["strength"] for e in g.trace.events if e.kind == "strength")
+    # the whole sequence recomputed every step, same steering
+    assert run(model, f, n=14, use_cache=False).tokens == g.tokens
+    # the kept prefix from scratch, then ITI at the same strength from the re-fed token on
+    prompt_ids = model.encode(PROMPT)
+    kept = g.tokens[: ev.detail["from_position"] - len(prompt_ids)]
+    p = Prompt(ids=prompt_ids + kept, steer_from=ev.detail["from_position"] - 1)
+    rest = sb.generate(model, p, steer=heads.scaled(s), max_new_tokens=14 - len(kept), stop_at_eos=False)
+    assert kept + rest.tokens == g.tokens
+
+
+def test_paper_reading_steers_along_the_probe_weight(model, heads):
+    ref = run(model, FASB(heads, strength=4.0, threshold=1.0, backtrack=2))
+    paper = run(model, FASB(heads, strength=4.0, threshold=1.0, backtrack=2, reading="paper"))
+    assert ref.trace.rollbacks and paper.trace.rollbacks
+    assert paper.tokens != ref.tokens
+
+
+def test_hooks_are_gone_after_an_exception_inside_observe(model, heads):
+    class Boom(FASB):
+        def p_true(self, z):
+            raise RuntimeError("probe failed")
+
+    before = hook_count(model)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        run(model, Boom(heads, backtrack=1))
+    assert hook_count(model) == before
+
+
+def test_save_load_and_bad_input(model, tiny_model, heads, tmp_path):
+    f = FASB(heads, strength=20.0, threshold=0.55, backtrack=7, repeat=True)
+    back = FASB.load(f.save(tmp_path / "fasb"), model)
+    assert (back.strength, back.threshold, back.backtrack, back.repeat) == (20.0, 0.55, 7, True)
+    assert back.heads.head_list() == heads.head_list() and torch.equal(back.heads.probe_bias, heads.probe_bias)
+    with pytest.raises(ArtifactMismatch):
+        FASB.load(tmp_path / "fasb.safetensors", tiny_model)
+    with pytest.raises(ValueError, match="threshold is a probability"):
+        FASB(heads, threshold=1.5)
+    with pytest.raises(ValueError, match="backtrack"):
+        FASB(heads, backtrack=-1)
+    with pytest.raises(ValueError, match="needs an ITI with probes"):
+        FASB(dataclasses.replace(heads, probe_weight=None))
+    with pytest.raises(ValueError, match="reading"):
+        FASB(heads, reading="blog")
