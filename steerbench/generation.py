@@ -160,6 +160,7 @@ def steered_suffixes(
     steer_from: Sequence[int],
     steers: Sequence[Steerer | None],
     head: SharedHead | None = None,
+    extra_hooks: Iterable[tuple[str, HookFn]] = (),
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Logits of ``seqs[b][split_at[b]:]`` under each of ``steers``, computing the prefix once.
 
@@ -172,7 +173,9 @@ def steered_suffixes(
 
     ``head``: a :class:`SharedHead` that every sequence starts with and that ends before
     every ``split_at``; its cache is reused instead of recomputing it for the batch.
+    ``extra_hooks`` run in every steerer's pass (after its hooks), e.g. to read activations.
     """
+    extra_hooks = list(extra_hooks)
     if any(a > f for a, f in zip(split_at, steer_from)):
         raise ValueError("split_at must not be after steer_from")
     if head is not None and (len(head) >= min(split_at) or any(list(s[: len(head)]) != head.ids for s in seqs)):
@@ -217,7 +220,7 @@ def steered_suffixes(
         if shared and (steer is None or steer.prefix_invariant):
             ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=device))
             ctx.set_pass(ctx_positions)
-            with torch.no_grad(), steering(model, steer, ctx):
+            with torch.no_grad(), steering(model, steer, ctx, extra_hooks):
                 logits, cache = model.bridge.forward(
                     ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                     prepend_bos=False, return_type="logits_and_cache",
@@ -225,7 +228,7 @@ def steered_suffixes(
             cache.crop(-width)
             yield k, logits
         else:
-            logits, batch = forward_batch(model, seqs, steer, steer_from)
+            logits, batch = forward_batch(model, seqs, steer, steer_from, extra_hooks)
             out = logits.new_zeros((len(seqs), width, logits.shape[-1]))
             for b, a in enumerate(split_at):
                 out[b, : lengths[b] - a] = logits[b, batch.offsets[b] + a :]
@@ -320,13 +323,18 @@ def generate(
     chat: bool = True,
     max_rollbacks: int = 16,
     on_step=None,
+    stop: Sequence[str] = (),
 ) -> Generation:
     """Generate from ``prompt`` with ``steer`` applied; greedy unless ``temperature > 0``.
 
     A string prompt is chat-formatted (``chat=False`` feeds it raw). ``on_step(event)``
     is called with every TokenStep and TraceEvent as it happens (live views use it).
     ``use_cache=False`` recomputes the whole sequence every step (for checking).
+    ``stop``: strings that end the generation once the text contains one (the text is cut
+    before it; the tokens are kept), e.g. ``("\n",)`` for one-line answers.
     """
+    if isinstance(stop, str):
+        stop = (stop,)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     p = _as_prompt(model, prompt, chat)
@@ -415,17 +423,20 @@ def generate(
             trace.steps.append(ts)
             emit(ts)
             seq.append(token)
-            if token in eos or len(seq) - n_prompt >= max_new_tokens:
+            hit_stop = bool(stop) and any(x in model.decode(seq[n_prompt:]) for x in stop)
+            if token in eos or hit_stop or len(seq) - n_prompt >= max_new_tokens:
                 finished = True
                 if not observes:
                     break
 
     tokens = seq[n_prompt:]
-    text_tokens = [t for t in tokens if t not in eos]
+    text = model.decode([t for t in tokens if t not in eos])
+    for x in stop:
+        text = text.split(x)[0]
     return Generation(
         prompt=p,
         tokens=tokens,
-        text=model.decode(text_tokens),
+        text=text,
         trace=trace,
         steer=steer.describe() if steer is not None else "none",
     )

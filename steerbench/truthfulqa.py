@@ -91,6 +91,38 @@ def _answer_ids(model: Model, answer: str) -> list[int]:
     return model.encode(" " + answer.strip(), bos=False)
 
 
+def mc_items(model: Model, questions: Sequence[MCQuestion], prompt: str = "instruction+primer"):
+    """The prompt (steered from its last token) and the answer token ids of every answer,
+    question by question, true answers first: what MC scoring scores."""
+    if not questions:
+        raise ValueError("no questions to score")
+    template = PROMPTS.get(prompt, prompt)
+    if "{question}" not in template:
+        raise ValueError(f"prompt must name one of {sorted(PROMPTS)} or contain '{{question}}'")
+    prompts, conts = [], []
+    for q in questions:
+        ids = model.encode(template.format(question=q.question))
+        p = Prompt(ids=ids, steer_from=len(ids) - 1)
+        for ans in (*q.correct, *q.incorrect):
+            prompts.append(p)
+            conts.append(_answer_ids(model, ans))
+    return prompts, conts
+
+
+def mc_result(questions: Sequence[MCQuestion], logprobs: Sequence[float], prompt: str = "") -> MCResult:
+    """MC1/MC2/MC3 from every answer's summed log-probability in ``mc_items`` order."""
+    per_q, at = [], 0
+    for q in questions:
+        n_t, n_f = len(q.correct), len(q.incorrect)
+        row = [float(x) for x in logprobs[at : at + n_t + n_f]]
+        per_q.append(mc_metrics(row[:n_t], row[n_t:], best=q.correct.index(q.best)))
+        at += n_t + n_f
+    if at != len(logprobs):
+        raise ValueError(f"{len(logprobs)} scores for {at} answers")
+    means = [sum(v[j] for v in per_q) / len(per_q) for j in range(3)]
+    return MCResult(*means, per_question=per_q, prompt=prompt)
+
+
 def mc_scores(
     model: Model,
     questions: Sequence[MCQuestion],
@@ -104,31 +136,9 @@ def mc_scores(
     ``prompt`` names a template in ``PROMPTS`` or is a template with ``{question}``.
     Steering starts at the last prompt token, so every answer token is steered.
     """
-    if not questions:
-        raise ValueError("no questions to score")
-    template = PROMPTS.get(prompt, prompt)
-    if "{question}" not in template:
-        raise ValueError(f"prompt must name one of {sorted(PROMPTS)} or contain '{{question}}'")
-    prompts, conts, owner = [], [], []
-    for qi, q in enumerate(questions):
-        ids = model.encode(template.format(question=q.question))
-        p = Prompt(ids=ids, steer_from=len(ids) - 1)
-        for ans in (*q.correct, *q.incorrect):
-            prompts.append(p)
-            conts.append(_answer_ids(model, ans))
-            owner.append(qi)
+    prompts, conts = mc_items(model, questions, prompt)
     lp = continuation_logprobs_many(model, prompts, conts, steers, batch_size, progress)
-    results = []
-    for k in range(len(steers)):
-        per_q, at = [], 0
-        for q in questions:
-            n_t, n_f = len(q.correct), len(q.incorrect)
-            row = lp[k, at : at + n_t + n_f].tolist()
-            per_q.append(mc_metrics(row[:n_t], row[n_t:], best=q.correct.index(q.best)))
-            at += n_t + n_f
-        means = [sum(v[j] for v in per_q) / len(per_q) for j in range(3)]
-        results.append(MCResult(*means, per_question=per_q, prompt=prompt))
-    return results
+    return [mc_result(questions, lp[k].tolist(), prompt) for k in range(len(steers))]
 
 
 def mc_score(model: Model, questions: Sequence[MCQuestion], steer: Steerer | None = None, **kwargs) -> MCResult:

@@ -118,3 +118,31 @@ def test_save_load_and_bad_input(model, tiny_model, heads, tmp_path):
         FASB(dataclasses.replace(heads, probe_weight=None))
     with pytest.raises(ValueError, match="reading"):
         FASB(heads, reading="blog")
+
+
+def test_mc_mode_threshold_zero_is_the_unsteered_score(model, heads):
+    from steerbench.steering.fasb import mc_mode_scores
+    from steerbench.truthfulqa import mc_score
+
+    qs = sb.load_truthfulqa("misconceptions")[:3]
+    got = mc_mode_scores(model, qs, FASB(heads, strength=30.0, threshold=0.0), prompt="plain")
+    assert got.rescored == 0 and got.result.per_question == mc_score(model, qs, prompt="plain").per_question
+
+
+@pytest.mark.parametrize("backtrack", [0, 100])
+def test_mc_mode_rescores_from_the_flag_minus_backtrack(model, heads, backtrack):
+    """threshold 1 flags every answer at its first token: the score must equal plain
+    scoring with ITI at that answer's strength, steered from `backtrack` tokens earlier."""
+    from steerbench.evaluation import continuation_logprobs
+    from steerbench.steering.fasb import mc_mode_scores
+    from steerbench.truthfulqa import mc_items
+
+    qs = sb.load_truthfulqa("misconceptions")[:2]
+    f = FASB(heads, strength=12.0, threshold=1.0, backtrack=backtrack)
+    got = mc_mode_scores(model, qs, f, prompt="plain", batch_size=4)
+    assert got.rescored == 1.0 and set(got.first_flag) == {0}
+    prompts, conts = mc_items(model, qs, "plain")
+    for p, c, s, lp in zip(prompts, conts, got.strengths_by_answer, got.logprobs):
+        start = len(p.ids) - 1 if backtrack else len(p.ids)  # at the flagged token itself when backtrack=0
+        want = continuation_logprobs(model, [Prompt(p.ids, steer_from=start)], [c], heads.scaled(s))[0]
+        assert lp == pytest.approx(float(want), abs=1e-3)

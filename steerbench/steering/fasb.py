@@ -200,3 +200,114 @@ class FASB(Steerer):
         if model is not None:
             f.check_model(model)
         return f
+
+
+# -------------------------------------------------------------------------------------
+# MC mode (reference): steer an answer only from where the probes flag it
+
+
+@dataclass
+class _RowStrengths(Steerer):
+    """Static steering on FASB's heads with one strength per batch row (MC mode's second pass)."""
+
+    shift: ITI
+    rows: torch.Tensor  # [batch]
+    strength: float = 1.0
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.shift.sites
+
+    def hooks(self, ctx: StepContext) -> list[tuple[str, HookFn]]:
+        return z_hooks(self.shift, ctx, lambda: self.rows)
+
+
+@dataclass
+class MCModeResult:
+    """MC scores under FASB's MC mode, and how often and how strongly it intervened."""
+
+    result: "MCResult"  # noqa: F821
+    logprobs: list[float]  # every answer's score, in mc_items order
+    rescored: float  # share of answers re-scored with steering
+    strengths: list[float]  # strength of each re-scored answer
+    strengths_by_answer: list[float | None]  # in mc_items order; None where not re-scored
+    first_flag: list[int]  # answer-token index that triggered it
+
+
+def mc_mode_scores(model: Model, questions, fasb: FASB, prompt: str = "instruction+primer",
+                   batch_size: int = 16) -> MCModeResult:
+    """TruthfulQA MC scores the way FASB's reference scores multiple choice.
+
+    Each answer is scored unsteered while the K heads are read at every answer token; at
+    the first answer token whose mean P(true) is below the threshold, the answer is scored
+    again with ``alpha * (1 - p_true)`` steering from ``backtrack`` tokens earlier (not
+    before the last prompt token). Answers never flagged keep their unsteered score. This
+    partly re-ranks answers by the probes' verdict, so it is reported apart from uniform
+    steering.
+    """
+    from steerbench.generation import SharedHead, steered_suffixes
+    from steerbench.truthfulqa import mc_items, mc_result
+
+    fasb.check_model(model)
+    prompts, conts = mc_items(model, questions, prompt)
+    seqs = [list(p.ids) + list(c) for p, c in zip(prompts, conts)]
+    split = [len(p.ids) - 1 for p in prompts]
+    head = SharedHead.of(model, [p.ids for p in prompts], limit=min(split) - 1)
+    scores = torch.empty(len(seqs), dtype=torch.float64)
+    strengths, flags = [], []
+    by_answer: list[float | None] = [None] * len(seqs)
+    heads = fasb.heads.head_list()
+    layers = sorted({l for l, _ in heads})
+    d_head = fasb.heads.d_head
+
+    def logprob(logits: torch.Tensor, rows: list[int]) -> list[float]:
+        out = []
+        for r, i in enumerate(rows):
+            n = len(conts[i])
+            lp = torch.log_softmax(logits[r, :n].float(), -1)  # column j predicts answer token j
+            out.append(float(lp.gather(-1, torch.as_tensor(conts[i])[:, None]).sum()))
+        return out
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for at in range(0, len(order), batch_size):
+        idx = order[at : at + batch_size]
+        z: dict[int, torch.Tensor] = {}
+
+        def capture(layer):
+            def read(act, hook):
+                a = act.detach()
+                z[layer] = (a.reshape(*a.shape[:2], -1, d_head) if a.ndim == 3 else a).cpu()
+            return read
+
+        hooks = [(z_hook(L), capture(L)) for L in layers]
+        sub = [seqs[i] for i in idx]
+        sp = [split[i] for i in idx]
+        (_, logits), = steered_suffixes(model, sub, sp, sp, [None], head, extra_hooks=hooks)
+        base = logprob(logits, idx)
+        # z of the K heads at every column: [B, W, K, d_head]; column j + 1 holds answer token j
+        zk = torch.stack([z[l][:, :, h] for l, h in heads], dim=2)
+        p = fasb.p_true(zk)  # [B, W]
+        again, rows_s, steer_from = [], [], []
+        for r, i in enumerate(idx):
+            scores[i] = base[r]
+            n = len(conts[i])
+            low = (p[r, 1 : n + 1] < fasb.threshold).nonzero()
+            if len(low) == 0:
+                continue
+            j = int(low[0])
+            s = fasb.plan(float(p[r, j + 1]))
+            pos = len(prompts[i].ids) + j  # absolute position of the flagged answer token
+            again.append(i)
+            rows_s.append(s)
+            steer_from.append(max(pos - fasb.backtrack, split[i]))
+            strengths.append(s)
+            by_answer[i] = s
+            flags.append(j)
+        if again and fasb.strength != 0:
+            steer = _RowStrengths(fasb._shift_heads, torch.tensor(rows_s))
+            (_, logits), = steered_suffixes(model, [seqs[i] for i in again], [split[i] for i in again],
+                                            steer_from, [steer], head)
+            for i, v in zip(again, logprob(logits, again)):
+                scores[i] = v
+    res = mc_result(questions, scores.tolist(), prompt)
+    return MCModeResult(res, scores.tolist(), len(strengths) / len(seqs), strengths, by_answer, flags)

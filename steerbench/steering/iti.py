@@ -290,8 +290,10 @@ def z_hooks(heads: ITI, ctx: StepContext, strength, where=None) -> list[tuple[st
 
     def make(layer: int) -> HookFn:
         def add(z: torch.Tensor, hook) -> torch.Tensor:
-            s = strength()
-            if s == 0:
+            s = strength()  # a number, or a tensor [batch] of per-row strengths
+            if isinstance(s, torch.Tensor):
+                s = s.to(device=z.device, dtype=z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
+            elif s == 0:
                 return z
             flat = z.ndim == 3  # [B, T, H * d_head] where the bridge does not split heads
             n_heads = z.shape[-1] // heads.d_head if flat else z.shape[-2]
