@@ -37,8 +37,9 @@ from steerbench.evaluation import kl_to_unsteered
 from steerbench.model import Model, cache_dir
 from steerbench.probes import group_split
 from steerbench.steerer import Steerer
+from steerbench.steering.fasb import FASB, mc_mode_scores
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
-from steerbench.truthfulqa import mc_scores
+from steerbench.truthfulqa import MCResult, PROMPTS, mc_scores
 
 METRICS = ("mc1", "mc2", "mc3")
 
@@ -133,6 +134,13 @@ class FitData:
     fit: list[MCQuestion]
     val: list[MCQuestion]
     heads: HeadActivations
+    _probes: HeadProbes | None = None
+
+    def probes(self) -> HeadProbes:
+        """Head probes trained on the fit questions, heads ranked on validation (shared by methods)."""
+        if self._probes is None:
+            self._probes = HeadProbes.fit(self.model, self.fit, self.val, acts=self.heads.of(self.fit + self.val))
+        return self._probes
 
 
 class Method:
@@ -142,11 +150,17 @@ class Method:
     name: str = ""
     description: str = ""
     grid: dict[str, list] = {}
+    scoring: str = "uniform"  # how MC answers are scored: steered throughout, or the method's own mode
 
     def candidates(self, data: FitData, grid: dict[str, list]) -> list[tuple[dict, Steerer | None]]:
         """(hyperparameters, steerer) for every point of ``grid``, fitted on ``data.fit``
         (``data.val`` may be used to rank features, as ITI ranks heads)."""
         raise NotImplementedError
+
+    def score(self, model: Model, questions: Sequence[MCQuestion], steers: Sequence[Steerer | None],
+              prompt: str, batch_size: int) -> list[MCResult]:
+        """MC results of each steerer (uniform steering of every answer token by default)."""
+        return mc_scores(model, questions, steers, prompt=prompt, batch_size=batch_size)
 
 
 METHODS: dict[str, Method] = {}
@@ -176,11 +190,31 @@ class ITIMethod(Method):
     grid = {"k": [8, 16, 32], "alpha": [5.0, 15.0, 30.0], "direction": ["mass_mean"]}
 
     def candidates(self, data, grid):
-        probes = HeadProbes.fit(data.model, data.fit, data.val, acts=data.heads.of(data.fit + data.val))
+        probes = data.probes()
         return [
             ({"k": int(k), "alpha": float(a), "direction": d}, probes.select(int(k), float(a), d))
             for d in grid["direction"] for k in grid["k"] for a in grid["alpha"]
         ]
+
+
+@register
+class FASBMethod(Method):
+    name = "fasb"
+    description = "FASB: head probes decide when and how strongly to steer; MC answers scored in FASB's MC mode"
+    # reference run: K=24 (of 1,024 heads), alpha=60, threshold=0.6, backtrack=10; scaled to 270 heads
+    grid = {"k": [16], "alpha": [15.0, 30.0, 60.0], "threshold": [0.5, 0.6], "backtrack": [10]}
+    scoring = "fasb-mc"
+
+    def candidates(self, data, grid):
+        probes = data.probes()
+        return [
+            ({"k": int(k), "alpha": float(a), "threshold": float(t), "backtrack": int(b)},
+             FASB(probes.select(int(k)), strength=float(a), threshold=float(t), backtrack=int(b)))
+            for k in grid["k"] for t in grid["threshold"] for b in grid["backtrack"] for a in grid["alpha"]
+        ]
+
+    def score(self, model, questions, steers, prompt, batch_size):
+        return [mc_mode_scores(model, questions, s, prompt=prompt, batch_size=batch_size).result for s in steers]
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
@@ -227,8 +261,13 @@ class BenchResult:
                 "n": len(per_q),
                 "fit_s": float(sum(f["fit_s"] for f in fr)),
                 "score_s": float(sum(f["score_s"] for f in fr)),
+                "scoring": fr[0]["scoring"],
                 "chosen": "; ".join(_fmt_params(f["params"]) for f in fr),
             })
+            for key in ("gen_acc_rougeL", "gen_acc_embedding", "rollbacks_per_answer", "mean_strength"):
+                if key in fr[0]:
+                    n_gen = [f["gen_n"] for f in fr]
+                    rows[-1][key] = float(np.average([f[key] for f in fr], weights=n_gen))
         return pd.DataFrame(rows)
 
     def to_json(self, path: str | Path) -> Path:
@@ -261,9 +300,16 @@ def run_bench(
     kl_texts: Sequence[str] | None = None,
     batch_size: int = 16,
     heads: HeadActivations | None = None,
+    generate: int = 0,
+    max_new_tokens: int = 50,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
-    """Cross-validated MC1/MC2/MC3 and off-task KL of each of ``methods`` (see module doc)."""
+    """Cross-validated MC1/MC2/MC3 and off-task KL of each of ``methods`` (see module doc).
+
+    ``generate``: also generate greedy answers (``max_new_tokens``, one line) to the first
+    ``generate`` test questions of each fold and score them with TruthfulQA's automatic
+    truth metric (``generation_metrics``).
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -290,7 +336,7 @@ def run_bench(
             cands = method.candidates(data, grid)
             val_scores: list[float] = []
             if len(cands) > 1:
-                res = mc_scores(model, data.val, [s for _, s in cands], prompt=prompt, batch_size=batch_size)
+                res = method.score(model, data.val, [s for _, s in cands], prompt, batch_size)
                 val_scores = [getattr(r, select) for r in res]
                 best = int(np.argmax(val_scores))  # first of equals: grids list the milder settings first
             else:
@@ -298,25 +344,60 @@ def run_bench(
             params, steer = cands[best]
             fit_s = time.perf_counter() - t0 - (heads.seconds - collected)  # activation collection is shared
             t0 = time.perf_counter()
-            res = mc_scores(model, test_q, [steer], prompt=prompt, batch_size=batch_size)[0]
+            res = method.score(model, test_q, [steer], prompt, batch_size)[0]
             score_s = time.perf_counter() - t0
             kl = kl_to_unsteered(model, kl_texts, [steer])[0] if steer is not None else 0.0
+            gen = generation_metrics(model, test_q[:generate], steer, prompt, max_new_tokens) if generate else {}
             for i, v in zip(test, res.per_question):
                 per_question[name][i] = v
             rows.append({
                 "method": name, "fold": f, "params": params, "describe": steer.describe() if steer else "none",
                 "mc1": res.mc1, "mc2": res.mc2, "mc3": res.mc3, "kl": kl, "n_test": len(test),
                 "n_fit": len(fit_idx), "n_val": len(val_idx), "fit_s": fit_s, "score_s": score_s,
-                "answers_per_s": n_answers / score_s,
+                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **gen,
                 "val": [{"params": p, select: v} for (p, _), v in zip(cands, val_scores)],
             })
+            gen_txt = (f"  gen acc rougeL {gen['gen_acc_rougeL']:.3f} embedding {gen['gen_acc_embedding']:.3f}"
+                       if gen else "")
             log(f"fold {f} {name:>10}: {_fmt_params(params)}  test MC1 {res.mc1:.3f} MC2 {res.mc2:.3f} "
-                f"MC3 {res.mc3:.3f}  KL {kl:.4f}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
+                f"MC3 {res.mc3:.3f}  KL {kl:.4f}{gen_txt}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
     config = {
         "n_questions": len(questions), "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
         "prompt": prompt, "select": select, "methods": list(methods), "model": model.name,
+        "generate": generate, "max_new_tokens": max_new_tokens,
         "grids": {m: {**METHODS[m].grid, **grids.get(m, {})} for m in methods},
         "head_collection_s": heads.seconds, "total_s": time.perf_counter() - t_all,
         "splits": [{"train": tr, "test": te} for tr, te in folds],
     }
     return BenchResult(rows, per_question, config)
+
+
+def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Steerer | None,
+                       prompt: str = "instruction+primer", max_new_tokens: int = 50) -> dict:
+    """Greedy one-line answers to ``questions`` under ``steer``, scored offline with
+    TruthfulQA's automatic truth metric (max similarity to a true reference minus max to a
+    false one, > 0 = true) under ROUGE-L and MiniLM embeddings; for dynamic steerers also
+    the rollbacks per answer and the strengths they chose."""
+    from steerbench.generation import generate
+    from steerbench.model import Prompt
+    from steerbench.textmetrics import answer_truth, truth_summary
+
+    template = PROMPTS.get(prompt, prompt)
+    t0 = time.perf_counter()
+    answers, rollbacks, strengths = [], 0, []
+    for q in questions:
+        ids = model.encode(template.format(question=q.question))
+        g = generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
+                     stop=("\n",))
+        answers.append(g.text.strip())
+        rollbacks += len(g.trace.rollbacks)
+        strengths += [e.detail["strength"] for e in g.trace.events if e.kind == "strength"]
+    gen_s = time.perf_counter() - t0
+    out = {"gen_n": len(questions), "gen_s": gen_s, "answers": answers}
+    for metric in ("rougeL", "embedding"):
+        out[f"gen_acc_{metric}"] = truth_summary(answer_truth(answers, questions, metric=metric))["acc"]
+    if steer is not None and steer.observes:
+        out["rollbacks_per_answer"] = rollbacks / len(questions)
+        out["mean_strength"] = float(np.mean(strengths)) if strengths else 0.0
+        out["strengths"] = strengths
+    return out

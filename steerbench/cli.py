@@ -82,13 +82,15 @@ def bench(args: argparse.Namespace) -> int:
         model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
         prompt=args.prompt, grids=grids, select=args.select, batch_size=args.batch_size,
         heads=HeadActivations(model, questions, cache=not args.no_cache, progress=True),
+        generate=args.generate, max_new_tokens=args.max_new_tokens,
     )
     table = result.summary()
     print()
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     result.config["title"] = f"{args.data}: MC scores, {args.folds}-fold CV ({model.name})"
     result.to_json(out / "results.json")
-    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k != "val"} for r in result.folds])
+    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k not in ("val", "answers", "strengths")}
+                             for r in result.folds])
     pd_folds.to_csv(out / "folds.csv", index=False)
     fig = result.figure()
     plots.save_html(fig, out / "bench_bars.html")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n-prompts", type=int, default=3, help="open-ended prompts to generate from")
     d.add_argument("--max-new-tokens", type=int, default=40)
     b = sub.add_parser("bench", help="compare steering methods on TruthfulQA-format data with cross-validation")
-    b.add_argument("--methods", nargs="+", default=["baseline", "iti"], choices=sorted(METHODS),
+    b.add_argument("--methods", nargs="+", default=["baseline", "iti", "fasb"], choices=sorted(METHODS),
                    help="methods to compare (default: %(default)s)")
     b.add_argument("--data", default="truthfulqa",
                    help="truthfulqa (../shared/data), misconceptions (embedded) or a TruthfulQA-format CSV")
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--select", default="mc2", choices=["mc1", "mc2", "mc3"], help="validation metric that picks hyperparameters")
     b.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
                    help="override a method's hyperparameter grid, e.g. --set iti.alpha=5,15 (repeatable)")
+    b.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also generate answers to the first N test questions of each fold and score them "
+                        "with TruthfulQA's automatic truth metric (ROUGE-L and embeddings)")
+    b.add_argument("--max-new-tokens", type=int, default=50)
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
     b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")

@@ -24,10 +24,15 @@ def test_bench_writes_results_and_refuses_a_bad_grid_before_loading(model, tmp_p
         main(["bench", "--set", "iti.beta=1"])
     out = tmp_path / "bench"
     rc = main(["bench", "--data", "misconceptions", "--limit", "10", "--prompt", "plain", "--no-cache",
-               "--set", "iti.k=2", "--set", "iti.alpha=5", "--out", str(out)])
+               "--set", "iti.k=2", "--set", "iti.alpha=5", "--set", "fasb.k=2", "--set", "fasb.alpha=5",
+               "--set", "fasb.threshold=0.6", "--set", "fasb.backtrack=2",
+               "--generate", "1", "--max-new-tokens", "4", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
-    assert [s["method"] for s in data["summary"]] == ["baseline", "iti"]
+    assert [s["method"] for s in data["summary"]] == ["baseline", "iti", "fasb"]
+    fasb = data["summary"][2]
+    assert fasb["scoring"] == "fasb-mc" and "rollbacks_per_answer" in fasb
+    assert all(0 <= s["gen_acc_rougeL"] <= 1 and 0 <= s["gen_acc_embedding"] <= 1 for s in data["summary"])
     assert data["config"]["grids"]["iti"]["k"] == [2]
     assert "plotly" in (out / "report.html").read_text() and (out / "folds.csv").exists()
     printed = capsys.readouterr().out
