@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/generation_speed.py
 	$(BIN)/python bench/collection_speed.py
 	$(BIN)/python bench/load_time.py
+	$(BIN)/python bench/mc_scoring_speed.py
+	$(BIN)/python bench/fasb_generation_speed.py
 
 clean:
 	rm -rf $(VENV) steerbench-demo

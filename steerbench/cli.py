@@ -75,13 +75,18 @@ def bench(args: argparse.Namespace) -> int:
     grids = parse_grid(args.set)  # fail on a typo before loading anything
     model = sb.load_model()
     data = None if args.data == "truthfulqa" else args.data
-    questions = sb.load_truthfulqa(data, limit=args.limit)
+    every = sb.load_truthfulqa(data)
+    questions = every[: args.limit] if args.limit is not None else every
     print(f"[{time.time() - t0:6.1f}s] {model}; {len(questions)} questions from {args.data}; "
           f"{args.folds}-fold CV by question, {1 - args.val_fraction:.0%}/{args.val_fraction:.0%} fit/val inside each fold")
+    heads = HeadActivations(model, questions, cache=not args.no_cache, progress=True)
+    whole = HeadActivations(model, every, progress=True)
+    if not args.no_cache and whole.path().exists():
+        heads = whole  # a run on a subset reuses activations cached for the whole file
     result = run_bench(
         model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
         prompt=args.prompt, grids=grids, select=args.select, batch_size=args.batch_size,
-        heads=HeadActivations(model, questions, cache=not args.no_cache, progress=True),
+        heads=heads,
         generate=args.generate, max_new_tokens=args.max_new_tokens,
     )
     table = result.summary()

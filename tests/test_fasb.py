@@ -67,7 +67,8 @@ def test_threshold_zero_never_intervenes_and_equals_unsteered(model, heads):
     assert g.tokens == run(model, None).tokens
     assert not g.trace.rollbacks and all(0 <= s.score <= 1 and not s.steered for s in g.trace.steps)
     assert FASB(heads, threshold=0.6).monitor().threshold == 0.0
-    assert run(model, f.scaled(0)).tokens == run(model, None).tokens
+    zero = run(model, FASB(heads, strength=0.0, threshold=1.0, backtrack=2))
+    assert zero.tokens == run(model, None).tokens and not zero.trace.rollbacks
 
 
 def test_cache_cropped_continuation_equals_recomputing_from_scratch(model, heads):

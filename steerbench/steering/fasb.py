@@ -85,7 +85,7 @@ class FASB(Steerer):
 
     def plan(self, p_true: float) -> float | None:
         """The strength to steer at for an observed ``p_true``, or None for no intervention."""
-        if p_true < self.threshold:
+        if p_true < self.threshold and self.strength != 0:  # strength 0: watch, never act
             return float(self.strength) * (1.0 - p_true)
         return None
 
