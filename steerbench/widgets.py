@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -319,3 +320,417 @@ class HeadGridExplorer(_App):
         )
         self.selected, self.projection = (layer, head), proj
         return proj
+
+
+# -------------------------------------------------------------------------------------
+# a generation as it happens
+
+
+def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if not stop:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(x for x in stop if x)
+
+
+def cut_answer(text: str, stop: str | Sequence[str] | None = "\n") -> str:
+    """``text`` up to the first of the ``stop`` strings (None keeps it whole), stripped.
+
+    The answer a QA prompt asks for, also from a generation made without ``generate(stop=...)``
+    (which runs on into the next "Q:").
+    """
+    text = str(text)
+    for x in _stops(stop):
+        text = text.split(x, 1)[0]
+    return text.strip()
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    c = colour.lstrip("#")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def score_colour(value: float | None, threshold: float | None = None, lo: float = 0.0, hi: float = 1.0) -> str:
+    """A token's background for ``value`` on ``plots.trace``'s scale: orange-red low, white, blue high.
+
+    White sits at ``threshold`` when it lies strictly inside (lo, hi), else half way; values
+    outside [lo, hi] are clipped. None or NaN (not scored yet) is white.
+    """
+    if value is None or not math.isfinite(float(value)):
+        return "#ffffff"
+    if not hi > lo:
+        raise ValueError(f"need lo < hi, got lo={lo}, hi={hi}")
+    mid = threshold if threshold is not None and lo < threshold < hi else (lo + hi) / 2
+    v = min(max(float(value), lo), hi)
+    t = 0.5 * (v - lo) / (mid - lo) if v <= mid else 0.5 + 0.5 * (v - mid) / (hi - mid)
+    stops = plots._LIGHT_DIVERGING
+    for (t0, c0), (t1, c1) in itertools.pairwise(stops):
+        if t <= t1:
+            f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+            rgb = [round(a + f * (b - a)) for a, b in zip(_rgb(c0), _rgb(c1))]
+            return "#" + "".join(f"{x:02x}" for x in rgb)
+    return stops[-1][1]
+
+
+def _steps_and_events(trace_or_generation) -> tuple[list, list, str | None]:
+    """(steps in production order, events, final text or None) of a Trace or a Generation."""
+    trace = getattr(trace_or_generation, "trace", trace_or_generation)
+    text = getattr(trace_or_generation, "text", None)
+    return sorted(trace.steps, key=lambda s: s.step), list(trace.events), text
+
+
+def trace_html(trace, threshold: float | None = None, stop: str | Sequence[str] | None = None,
+               title: str | None = None,
+               running: bool = False, score_name: str = "P(true)") -> str:
+    """One generation as coloured tokens, in the order they were produced (an HTML string).
+
+    ``trace`` is a ``Trace`` (possibly still growing) or a ``Generation``. Each kept token's
+    background is the score the steerer observed there (``score_colour``; white: not scored
+    yet); a green underline marks a steered token; tokens discarded by a rollback are struck
+    through and grey, followed by a red "⟲ back k" marker (the steerer's note is its tooltip)
+    and the regenerated tokens. With ``stop`` (a string or several), kept tokens after the
+    point where the text first contains one are faded: they are past the answer (a generation
+    made with ``generate(stop=...)`` ends there anyway). Hover a token for its step, position, score and
+    strength. ``running`` adds a cursor at the end.
+    """
+    steps, events, final_text = _steps_and_events(trace)
+    marks: dict[int, list] = {}
+    for e in events:
+        if e.kind in ("rollback", "rollback_refused"):
+            marks.setdefault(e.step, []).append(e)
+
+    def marker(e) -> str:
+        k = e.detail.get("tokens", "?")
+        if e.kind == "rollback":
+            note = e.detail.get("note") or f"rolled back {k} token(s)"
+            return (f"<span class='sb-rollback' title='{html.escape(str(note), quote=True)}' "
+                    f"style='color:#d62728;font-weight:bold;margin:0 4px;white-space:nowrap'>⟲ back {k}</span>")
+        note = f"rollback of {k} token(s) refused: at most {e.detail.get('limit', '?')} rollbacks per generation"
+        return (f"<span class='sb-rollback-refused' title='{html.escape(note, quote=True)}' "
+                f"style='color:#ff9896;margin:0 4px;white-space:nowrap'>⟲ refused</span>")
+
+    stops = _stops(stop)
+    past_stop, so_far = False, ""
+    parts: list[str] = []
+    for s in steps:
+        parts.extend(marker(e) for e in marks.pop(s.step, []))
+        score = "not scored" if s.score is None else f"{score_name} {s.score:.3f}"
+        tip = (f"step {s.step}, position {s.position}, token {s.text!r} (id {s.token_id}); {score}; "
+               f"strength {s.strength:.3g} ({'steered' if s.steered else 'not steered'})")
+        label = plots._token_label(s.text, limit=40)
+        base = "white-space:pre;border-radius:3px;padding:1px 2px;margin:0 1px;"
+        if s.discarded:
+            tip += "; discarded by a rollback"
+            parts.append(f"<s class='sb-discarded' title='{html.escape(tip, quote=True)}' "
+                         f"style='{base}color:#8c8c8c;background:#e6e6e6'>{label}</s>")
+        else:
+            style = base + f"color:#111111;background:{score_colour(s.score, threshold)};"
+            if s.steered:
+                style += "border-bottom:2px solid #2ca02c;"
+            if past_stop:
+                style += "opacity:0.4;"
+                tip += "; after the stop string, not part of the answer"
+            parts.append(f"<span class='sb-token' title='{html.escape(tip, quote=True)}' style='{style}'>{label}</span>")
+            so_far += s.text
+            if stops and any(x in so_far for x in stops):
+                past_stop = True
+        if "\n" in s.text and not s.discarded:  # discarded newlines stay inline, struck through
+            parts.append("<br>")
+    for rest in marks.values():  # a rollback after the last token so far: regeneration comes next
+        parts.extend(marker(e) for e in rest)
+    if running:
+        parts.append("<span class='sb-cursor' style='color:#1f77b4'>▌</span>")
+    elif not steps:
+        parts.append("<i style='color:#8c8c8c'>waiting…</i>")
+
+    kept = [s for s in steps if not s.discarded]
+    n_gone, n_rb = len(steps) - len(kept), sum(e.kind == "rollback" for e in events)
+    body = "".join(parts)
+    out = ["<div class='sb-live-trace' style='min-width:0'>"]
+    if title:
+        out.append(f"<div style='font-weight:bold;margin-bottom:4px'>{html.escape(title)}</div>")
+    out.append("<div style='line-height:2.1;font-family:monospace;font-size:13px;border:1px solid #ccc;"
+               f"padding:6px 8px;word-break:break-word'>{body}</div>")
+    if steps:
+        text = final_text if final_text is not None else "".join(s.text for s in kept)
+        answer = cut_answer(text, stops) if stops else " ".join(text.split())
+        scored = [s.score for s in kept if s.score is not None]
+        facts = [f"{len(kept)} tokens kept"]
+        if n_gone:
+            facts.append(f"{n_gone} discarded in {n_rb} rollback(s)")
+        if scored:
+            facts.append(f"mean {score_name} {sum(scored) / len(scored):.2f}")
+        out.append(f"<div style='margin-top:4px;color:#444'>{'; '.join(facts)}</div>")
+        what = "answer (cut at the stop string)" if stops else "text"
+        out.append(f"<div style='margin-top:2px'><b>{what}:</b> {html.escape(answer)}</div>")
+    out.append("</div>")
+    return "".join(out)
+
+
+def trace_legend_html(threshold: float | None = None, score_name: str = "P(true)") -> str:
+    """A one-line key to ``trace_html``'s colours and marks."""
+    lo, hi = 0.0, 1.0
+    mid = threshold if threshold is not None and lo < threshold < hi else 0.5
+    chip = "display:inline-block;padding:0 6px;border-radius:3px;margin:0 2px;"
+    parts = [f"<span style='{chip}background:{score_colour(v, threshold)}'>{v:g}</span>" for v in (lo, mid, hi)]
+    where = f" (white = threshold {threshold:g})" if threshold is not None and lo < threshold < hi else ""
+    return (f"<div style='font-size:12px;color:#444'>{html.escape(score_name)} the steerer read at each token: "
+            f"{''.join(parts)}{where} · <s style='color:#8c8c8c;background:#e6e6e6'>struck through</s>: "
+            "discarded by a rollback · <span style='color:#d62728'>⟲ back k</span>: regenerated from here "
+            "(hover for why) · <span style='border-bottom:2px solid #2ca02c'>underlined</span>: steered</div>")
+
+
+def trace_curves(trace) -> dict[str, list]:
+    """The chart data of a Trace or Generation: score per observed token, strength per step, rollbacks.
+
+    Keys: ``score_x``/``score_y``/``score_discarded`` (one entry per token with a score),
+    ``step``/``strength``/``discarded`` (one per token produced), ``rollbacks`` ((step, tokens, note)).
+    """
+    steps, events, _ = _steps_and_events(trace)
+    scored = [s for s in steps if s.score is not None]
+    return {
+        "score_x": [s.step for s in scored], "score_y": [float(s.score) for s in scored],
+        "score_discarded": [s.discarded for s in scored],
+        "step": [s.step for s in steps], "strength": [float(s.strength) for s in steps],
+        "discarded": [s.discarded for s in steps],
+        "rollbacks": [(e.step, e.detail.get("tokens"), e.detail.get("note", "")) for e in events
+                      if e.kind == "rollback"],
+    }
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and hasattr(ip, "kernel")
+
+
+class LiveTrace(_App):
+    """Watch a steered generation token by token: scores, rollbacks and strength as they happen.
+
+    ``run()`` generates with ``steer`` (and, with ``compare``, the same prompt unsteered) and
+    redraws after every token: the tokens coloured by the score the steerer read (P(true) for
+    FASB; ``trace_html``) and a chart of score and strength per step with the ``threshold``
+    line. The unsteered side runs ``steer.monitor()`` when the steerer has one (it reads the
+    same probes and never intervenes: the same tokens as no steering, with scores), else no
+    steerer. Results stay in ``.generation`` and ``.unsteered``; ``figure()`` is the static
+    ``plots.trace`` of the steered one, for saving.
+
+    ``stop`` (a string or several, e.g. ``"\n"`` for one-line answers) ends each generation
+    once its text contains one (``generate(stop=...)``; a dynamic steerer still judges the last
+    token and may roll back) and cuts the shown answer there. ``refresh`` is the least time in
+    seconds between two redraws (rollbacks and the end always redraw); 0 redraws on every event.
+    Other keyword arguments go to ``generate``.
+    """
+
+    def __init__(self, model, prompt, steer, max_new_tokens: int = 40, threshold: float | None = None,
+                 compare: bool = True, stop: str | Sequence[str] | None = None, refresh: float = 0.1,
+                 chat: bool = True,
+                 score_name: str = "P(true)", **generate_kwargs):
+        from steerbench.generation import Trace, _as_prompt
+
+        if "on_step" in generate_kwargs:
+            raise ValueError("LiveTrace sets on_step itself")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.model, self.steer = model, steer
+        self.prompt = _as_prompt(model, prompt, chat)  # both runs get the very same ids
+        self.max_new_tokens, self.stop, self.refresh = int(max_new_tokens), _stops(stop), float(refresh)
+        self.threshold = threshold if threshold is not None else getattr(steer, "threshold", None)
+        self.compare = bool(compare) and steer is not None
+        self.baseline = steer.monitor() if self.compare and hasattr(steer, "monitor") else None
+        self.score_name = score_name
+        self.generate_kwargs = generate_kwargs
+        self.generation = None
+        self.unsteered = None
+        self.n_events = 0  # events received from the loop, both runs
+        self.n_redraws = 0
+        self._traces = {"steered": Trace(), "unsteered": Trace()}
+        self._running: str | None = None
+        self._last_draw = 0.0
+        self._shown = False
+
+        self.steered_html = widgets.HTML(layout=widgets.Layout(width="50%" if self.compare else "100%"))
+        self.unsteered_html = widgets.HTML(layout=widgets.Layout(width="50%"))
+        self.legend = widgets.HTML(trace_legend_html(self.threshold, score_name))
+        self.chart = _figure_widget(self._empty_chart())
+        columns = [self.steered_html] + ([self.unsteered_html] if self.compare else [])
+        self.widget = widgets.VBox([self.legend, widgets.HBox(columns), self.chart])
+        self._draw("steered")
+        if self.compare:
+            self._draw("unsteered")
+
+    # -- titles and chart ------------------------------------------------------------------
+    def _title(self, side: str) -> str:
+        if side == "steered":
+            return self.steer.describe() if self.steer is not None else "unsteered"
+        if self.baseline is not None:
+            return f"unsteered (the probes only read, threshold 0: {self.baseline.describe()})"
+        return "unsteered"
+
+    def _empty_chart(self) -> go.Figure:
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(specs=[[{"secondary_y": True}]])
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=f"{self.score_name}, steered",
+                                 line={"color": "#ff7f0e"}, marker={"size": 7},
+                                 hovertemplate=f"step %{{x}}<br>{self.score_name} %{{y:.3f}}<extra></extra>"),
+                      secondary_y=False)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="steering strength",
+                                 line={"shape": "hv", "color": "#1f77b4"}, marker={"size": 6},
+                                 hovertemplate="step %{x}<br>strength %{y:.3g}<extra></extra>"),
+                      secondary_y=True)
+        if self.compare:
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=f"{self.score_name}, unsteered",
+                                     line={"color": "#7f7f7f", "dash": "dot"}, marker={"size": 5},
+                                     hovertemplate=f"step %{{x}}<br>{self.score_name} %{{y:.3f}}<extra></extra>"),
+                          secondary_y=False)
+        fig.update_layout(template="plotly_white", height=330, margin={"t": 40, "b": 50},
+                          title=f"{self.score_name} and steering strength per generation step",
+                          legend={"orientation": "h", "y": -0.25}, shapes=self._shapes([]))
+        fig.update_xaxes(title_text="generation step (discarded tokens included)", rangemode="tozero")
+        fig.update_yaxes(title_text=self.score_name, range=[-0.02, 1.02], secondary_y=False)
+        fig.update_yaxes(title_text="steering strength", range=[-0.02, 1.02], tickmode="auto", showgrid=False,
+                         secondary_y=True)
+        return fig
+
+    def _shapes(self, rollbacks) -> list[dict]:
+        shapes = []
+        if self.threshold is not None:
+            shapes.append({"type": "line", "xref": "x domain", "x0": 0, "x1": 1, "yref": "y",
+                           "y0": self.threshold, "y1": self.threshold,
+                           "line": {"dash": "dash", "color": "#7f7f7f", "width": 1.5}})
+        for step, _, _ in rollbacks:
+            shapes.append({"type": "line", "xref": "x", "x0": step - 0.5, "x1": step - 0.5, "yref": "paper",
+                           "y0": 0, "y1": 1, "line": {"dash": "dot", "color": "#d62728"}})
+        return shapes
+
+    def _draw(self, side: str) -> None:
+        trace = self._traces[side]
+        running = self._running == side
+        result = self.generation if side == "steered" else self.unsteered
+        source = result if (result is not None and not running) else trace
+        page = trace_html(source, self.threshold, self.stop, self._title(side), running, self.score_name)
+        (self.steered_html if side == "steered" else self.unsteered_html).value = page
+        data = trace_curves(source)
+        with self.chart.batch_update():
+            if side == "steered":
+                score, strength = self.chart.data[0], self.chart.data[1]
+                score.x, score.y = data["score_x"], data["score_y"]
+                score.marker.color = ["#bdbdbd" if d else "#ff7f0e" for d in data["score_discarded"]]
+                strength.x, strength.y = data["step"], data["strength"]
+                strength.marker.color = ["#bdbdbd" if d else "#1f77b4" for d in data["discarded"]]
+                top = max([1.0, *data["strength"]])  # both axes put 0 at the same height
+                self.chart.layout.yaxis2.range = [-0.02 * top, 1.02 * top]
+                self.chart.layout.shapes = self._shapes(data["rollbacks"])
+                self.chart.layout.annotations = [
+                    {"x": step - 0.5, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "showarrow": False,
+                     "text": f"⟲ back {k}", "hovertext": html.escape(str(note)), "font": {"color": "#d62728"}}
+                    for step, k, note in data["rollbacks"]
+                ]
+            else:
+                self.chart.data[2].x, self.chart.data[2].y = data["score_x"], data["score_y"]
+        self.n_redraws += 1
+
+    # -- running ---------------------------------------------------------------------------
+    def _generate(self, side: str, steer):
+        import time
+
+        from steerbench.generation import TokenStep, Trace, generate
+
+        trace = Trace()
+        self._traces[side] = trace
+        self._running = side
+        self._last_draw = 0.0
+
+        def on_step(item) -> None:
+            # the loop hands over its own TokenStep objects: scores and discards it sets later show up here
+            (trace.steps if isinstance(item, TokenStep) else trace.events).append(item)
+            self.n_events += 1
+            now = time.monotonic()
+            if not isinstance(item, TokenStep) or now - self._last_draw >= self.refresh:
+                self._last_draw = now
+                self._draw(side)
+
+        try:
+            g = generate(self.model, self.prompt, steer=steer, max_new_tokens=self.max_new_tokens,
+                         stop=self.stop, on_step=on_step, **self.generate_kwargs)
+            if side == "steered":
+                self.generation = g
+            else:
+                self.unsteered = g
+            self._traces[side] = g.trace
+        finally:
+            self._running = None
+            self._draw(side)  # the last token's score arrives after its event; an interrupted run shows what it had
+        return g
+
+    def run(self, show: bool | None = None):
+        """Generate (steered, then unsteered with ``compare``), redrawing as tokens come.
+
+        Returns the steered ``Generation``, or ``(steered, unsteered)`` with ``compare``.
+        ``show`` displays the app first (default: when running in a notebook kernel and not
+        displayed by ``run`` before), so a cell that calls ``run()`` shows it live.
+        """
+        if show is None:
+            show = _in_kernel() and not self._shown
+        if show:
+            from IPython.display import display
+
+            display(self.widget)
+            self._shown = True
+        from steerbench.generation import Trace
+
+        self.generation = self.unsteered = None
+        self._traces = {"steered": Trace(), "unsteered": Trace()}
+        for side in ("steered", "unsteered") if self.compare else ("steered",):
+            self._draw(side)  # a second run starts from empty columns
+        steered = self._generate("steered", self.steer)
+        if not self.compare:
+            return steered
+        return steered, self._generate("unsteered", self.baseline)
+
+    def figure(self, title: str | None = None) -> go.Figure:
+        """The static ``plots.trace`` figure of the steered generation (``plots.save_html`` writes it)."""
+        if self.generation is None:
+            raise ValueError("nothing generated yet: call run() first")
+        return plots.trace(self.generation, self.threshold, title=title)
+
+
+def compare_answers(model, prompts, steers: Mapping[str, Any], max_new_tokens: int = 40,
+                    stop: str | Sequence[str] | None = "\n", done: Mapping[str, Sequence[Any]] | None = None,
+                    **generate_kwargs):
+    """A table of answers: one row per prompt, one column per steerer (None = unsteered).
+
+    ``prompts`` is a mapping label -> prompt (str or ``Prompt``) or a sequence of prompts
+    (labelled by their text). Each answer is ``generate(..., stop=stop).text``, stripped
+    (``cut_answer``); greedy unless ``temperature`` says otherwise. ``done`` gives columns
+    already generated (e.g. ``LiveTrace``'s ``.unsteered`` and ``.generation``): one
+    Generation or text per prompt, in order; those columns are not generated again.
+    """
+    import pandas as pd
+
+    from steerbench.generation import generate
+
+    items = list(prompts.items()) if isinstance(prompts, Mapping) else [
+        (_short(getattr(p, "text", p), 80), p) for p in prompts]
+    done = dict(done or {})
+    if not items or not (steers or done):
+        raise ValueError("give at least one prompt and one steerer")
+    for name, made in done.items():
+        if len(made) != len(items):
+            raise ValueError(f"done[{name!r}] has {len(made)} answers for {len(items)} prompts")
+    columns = list(dict.fromkeys([*steers, *done]))
+    rows = []
+    for i, (label, prompt) in enumerate(items):
+        row = {"prompt": label}
+        for name in columns:
+            if name in done:
+                text = getattr(done[name][i], "text", done[name][i])
+            else:
+                text = generate(model, prompt, steer=steers[name], max_new_tokens=max_new_tokens,
+                                stop=_stops(stop), **generate_kwargs).text
+            row[name] = cut_answer(text, stop)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("prompt")

@@ -1,6 +1,12 @@
-"""Notebook apps, driven without a browser through their plain-Python methods (no model loaded)."""
+"""Notebook apps, driven without a browser through their plain-Python methods.
+
+Only the LiveTrace tests load the default model; the others use synthetic data.
+"""
 
 from __future__ import annotations
+
+import html
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
@@ -8,8 +14,12 @@ import pytest
 import torch
 from plotly.callbacks import Points
 
+import steerbench as sb
 from steerbench import geometry, widgets
+from steerbench.generation import TokenStep, Trace, TraceEvent
 from steerbench.probes import fit_probes
+from steerbench.steering.fasb import FASB
+from steerbench.steering.iti import ITI
 
 N = 40
 
@@ -191,3 +201,171 @@ def test_head_grid_explorer_checks_shapes(heads, labels):
     grid, acts = heads
     with pytest.raises(ValueError, match="head_acts must be"):
         widgets.HeadGridExplorer(grid, acts[:, :, :2], labels)
+
+
+# -------------------------------------------------------------------------------------
+# LiveTrace: a generation as it happens, driven headless on the default model
+
+
+LIVE_PROMPT = "Does cracking your knuckles cause arthritis?"
+LIVE_TOKENS = 6
+
+
+@dataclass
+class ScriptedFASB(FASB):
+    """FASB whose probes read from a script: P(true) of the i-th observed token is ``script[i]``."""
+
+    script: tuple = (0.9, 0.9, 0.9, 0.2)
+
+    def p_true(self, z):
+        self._n = getattr(self, "_n", 0) + 1
+        return torch.tensor(self.script[self._n - 1] if self._n <= len(self.script) else 0.9, dtype=torch.float64)
+
+
+def scripted_fasb(model, **kw) -> ScriptedFASB:
+    gen = torch.Generator().manual_seed(0)
+    k, d = 2, model.d_head
+    dirs = torch.randn(k, d, generator=gen)
+    heads = ITI(
+        heads=torch.tensor([[5, 0], [9, 2]]), directions=dirs / dirs.norm(dim=-1, keepdim=True), sigma=torch.ones(k),
+        probe_weight=torch.zeros(k, d, dtype=torch.float64), probe_bias=torch.zeros(k, dtype=torch.float64),
+        probe_mean=torch.zeros(k, d, dtype=torch.float64), probe_std=torch.ones(k, d, dtype=torch.float64),
+        val_acc=torch.ones(k), fitted_on=model.fingerprint(),
+    )
+    return ScriptedFASB(heads, **{"strength": 8.0, "threshold": 0.6, "backtrack": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    app = widgets.LiveTrace(model, LIVE_PROMPT, scripted_fasb(model), max_new_tokens=LIVE_TOKENS, refresh=0)
+    steered, unsteered = app.run(show=False)
+    return app, steered, unsteered
+
+
+def test_live_trace_rolls_back_and_strikes_through(live):
+    app, g, _ = live
+    assert app.generation is g and app.threshold == 0.6
+    steps = g.trace.steps
+    (rb,) = g.trace.rollbacks
+    assert rb.detail["tokens"] == 2 and rb.step == 4  # the 4th token reads 0.2 < 0.6: back 2
+    gone = [s for s in steps if s.discarded]
+    assert [s.step for s in gone] == [2, 3]
+    assert len(g.trace.kept) == LIVE_TOKENS and len(steps) == LIVE_TOKENS + 2
+
+    page = app.steered_html.value
+    assert page == widgets.trace_html(g, 0.6, None, app._title("steered"), False)  # the pure renderer
+    assert page.count("class='sb-discarded'") == 2 and "<s " in page
+    assert page.count("class='sb-token'") == LIVE_TOKENS
+    assert "⟲ back 2" in page and html.escape(rb.detail["note"], quote=True) in page  # the note is the marker's tooltip
+    # discarded tokens come first, then the marker, then the regenerated ones
+    assert page.rindex("sb-discarded") < page.index("⟲ back 2") < page.rindex("sb-token")
+    # every kept token is coloured by its score: 0.9 is on the blue side of the 0.6 threshold
+    assert f"background:{widgets.score_colour(0.9, 0.6)}" in page and "sb-cursor" not in page
+
+
+def test_live_trace_chart_has_a_point_per_observed_token_and_the_strength_jumps(live):
+    app, g, _ = live
+    score, strength = app.chart.data[0], app.chart.data[1]
+    observed = [s for s in g.trace.steps if s.score is not None]
+    assert len(observed) == len(g.trace.steps)  # FASB reads every token, discarded ones included
+    assert list(score.x) == [s.step for s in observed] and list(score.y) == pytest.approx([s.score for s in observed])
+    assert list(score.y)[3] == pytest.approx(0.2)
+    assert list(strength.x) == [s.step for s in g.trace.steps]
+    s = list(strength.y)
+    assert s[:4] == [0.0] * 4  # unsteered until the rollback
+    assert s[4:] == pytest.approx([8.0 * (1 - 0.2)] * (len(s) - 4))  # steered at alpha * (1 - p) after it
+    shapes = app.chart.layout.shapes
+    assert any(sh.yref == "y" and sh.y0 == 0.6 for sh in shapes)  # the threshold line
+    assert any(sh.xref == "x" and sh.x0 == 3.5 for sh in shapes)  # the rollback
+    assert any(a.text == "⟲ back 2" for a in app.chart.layout.annotations)
+    assert app.n_events >= len(g.trace.steps) + 2 and app.n_redraws > app.n_events  # refresh=0: every event
+
+
+def test_live_trace_unsteered_side_is_plain_generate(live, model):
+    app, _, unsteered = live
+    plain = sb.generate(model, LIVE_PROMPT, max_new_tokens=LIVE_TOKENS)
+    assert app.unsteered is unsteered and unsteered.tokens == plain.tokens and unsteered.text == plain.text
+    assert not unsteered.trace.rollbacks and all(s.strength == 0 for s in unsteered.trace.steps)
+    assert all(s.score is not None for s in unsteered.trace.steps)  # the monitor still reads P(true)
+    assert "threshold=0" in unsteered.steer
+    assert list(app.chart.data[2].y) == pytest.approx([s.score for s in unsteered.trace.steps])
+    assert "unsteered" in app.unsteered_html.value and app.unsteered_html.value.count("class='sb-token'") == LIVE_TOKENS
+    fig = app.figure()
+    assert isinstance(fig, go.Figure) and "2 discarded in 1 rollback" in fig.layout.title.text
+
+
+def test_live_trace_redraws_while_generating(model):
+    app = widgets.LiveTrace(model, LIVE_PROMPT, scripted_fasb(model), max_new_tokens=3, compare=False, refresh=0)
+    seen = []
+    app.steered_html.observe(lambda change: seen.append(change["new"]), names="value")
+    g = app.run(show=False)
+    assert app.unsteered is None and app.generation is g
+    assert any("sb-cursor" in v for v in seen)  # drawn while running
+    counts = [v.count("class='sb-token'") for v in seen]
+    assert counts == [1, 2, 3, 3]  # one token at a time, then the last token's score
+    assert "sb-cursor" not in seen[-1] and seen[-1].count("P(true) 0.900") == 3
+
+
+def test_live_trace_stops_where_generate_stops(model):
+    app = widgets.LiveTrace(model, LIVE_PROMPT, None, max_new_tokens=8, stop="'s", refresh=1.0)
+    g = app.run(show=False)
+    plain = sb.generate(model, LIVE_PROMPT, max_new_tokens=8, stop="'s")
+    assert not app.compare and app.threshold is None
+    assert g.tokens == plain.tokens and g.text == plain.text and len(g.tokens) < 8
+    assert f"answer (cut at the stop string):</b> {html.escape(plain.text.strip())}<" in app.steered_html.value
+    assert app.steered_html.value.count("class='sb-token'") == len(g.tokens)
+
+
+def test_trace_html_is_pure():
+    steps = [TokenStep(0, 10, 5, " Yes", 0.0, False, 0.9), TokenStep(1, 11, 6, "<b>", 0.0, False, 0.2),
+             TokenStep(2, 11, 7, " No", 3.0, True, 0.8), TokenStep(3, 12, 8, ".\n", 3.0, True, None),
+             TokenStep(4, 13, 9, "Q", 3.0, True, None)]
+    steps[1].discarded = True
+    tr = Trace(steps, [TraceEvent(2, "strength", {"strength": 3.0}),
+                       TraceEvent(2, "rollback", {"tokens": 1, "note": "P(true)=0.20 < 0.6: back 1"})])
+    page = widgets.trace_html(tr, threshold=0.6, stop="\n", title="t")
+    assert "&lt;b&gt;" in page and "<b>" not in page.replace("<b>answer", "")  # token text is escaped
+    assert page.index("sb-discarded") < page.index("⟲ back 1") < page.index(" No")
+    assert "title='P(true)=0.20 &lt; 0.6: back 1'" in page
+    assert "opacity:0.4" in page.split("Q</span>")[0].rsplit("<span", 1)[1]  # past the stop: faded
+    assert "border-bottom:2px solid #2ca02c" in page  # steered
+    assert "<b>answer (cut at the stop string):</b> Yes No." in page
+    assert "sb-cursor" in widgets.trace_html(tr, 0.6, running=True) and "sb-cursor" not in page
+    curves = widgets.trace_curves(tr)
+    assert curves["score_x"] == [0, 1, 2] and curves["strength"] == [0.0, 0.0, 3.0, 3.0, 3.0]
+    assert curves["rollbacks"] == [(2, 1, "P(true)=0.20 < 0.6: back 1")]
+    assert "waiting" in widgets.trace_html(Trace())
+
+
+def test_score_colour_and_cut_answer():
+    assert widgets.score_colour(0.6, 0.6) == "#f7f7f7"  # white at the threshold
+    assert widgets.score_colour(0.0, 0.6) == "#ef8a62" and widgets.score_colour(1.0, 0.6) == "#67a9cf"
+    assert widgets.score_colour(0.5) == "#f7f7f7" and widgets.score_colour(None) == "#ffffff"
+    assert widgets.cut_answer(" No, it does not.\n\nQ: next") == "No, it does not."
+    assert widgets.cut_answer("a\nb", stop=None) == "a\nb"
+
+
+def test_compare_answers_table(monkeypatch):
+    from steerbench import generation
+
+    calls = []
+
+    class Out:
+        def __init__(self, text):
+            self.text = text
+
+    def fake_generate(model, prompt, steer=None, max_new_tokens=64, **kw):
+        calls.append((prompt, steer, max_new_tokens))
+        return Out(f" {prompt} by {steer}\nQ: more")
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    df = widgets.compare_answers("M", {"q1": "p1", "q2": "p2"}, {"none": None, "ITI": "iti"}, max_new_tokens=5)
+    assert list(df.columns) == ["none", "ITI"] and list(df.index) == ["q1", "q2"]
+    assert df.loc["q2", "ITI"] == "p2 by iti" and len(calls) == 4 and calls[0] == ("p1", None, 5)
+    # columns made already (LiveTrace's generations) are taken as they are, in the order of steers
+    df = widgets.compare_answers("M", ["p1", "p2"], {"none": None, "ITI": "iti", "FASB": None},
+                                 done={"none": [Out("a\nQ"), "b"], "FASB": [Out(" c"), Out("d")]})
+    assert list(df.columns) == ["none", "ITI", "FASB"] and list(df.index) == ["p1", "p2"]
+    assert df["none"].tolist() == ["a", "b"] and df["FASB"].tolist() == ["c", "d"] and len(calls) == 6
+    with pytest.raises(ValueError, match="2 prompts"):
+        widgets.compare_answers("M", ["p1", "p2"], {}, done={"none": ["a"]})
