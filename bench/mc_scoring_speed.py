@@ -26,11 +26,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--fit-questions", type=int, default=60)
     args = ap.parse_args()
     model = sb.load_model()
     qs = sb.load_truthfulqa()
     test = qs[-args.questions:]
-    iti = sb.HeadProbes.fit(model, qs[:60]).select(16, alpha=15.0)
+    iti = sb.HeadProbes.fit(model, qs[:args.fit_questions]).select(16, alpha=15.0)
     prompts, conts = mc_items(model, test)
     n = len(prompts)
     print(f"{len(test)} questions, {n} answers, prompt instruction+primer ({len(prompts[0].ids)}+ tokens)")

@@ -302,6 +302,7 @@ def run_bench(
     heads: HeadActivations | None = None,
     generate: int = 0,
     max_new_tokens: int = 50,
+    max_kl: float | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchResult:
     """Cross-validated MC1/MC2/MC3 and off-task KL of each of ``methods`` (see module doc).
@@ -309,6 +310,9 @@ def run_bench(
     ``generate``: also generate greedy answers (``max_new_tokens``, one line) to the first
     ``generate`` test questions of each fold and score them with TruthfulQA's automatic
     truth metric (``generation_metrics``).
+    ``max_kl``: only candidates whose KL to the unsteered model on the neutral text is at
+    most this may be chosen (the least-KL one if none is): without it, validation MC2
+    alone can pick settings that wreck the model (see README).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -335,10 +339,20 @@ def run_bench(
             collected = heads.seconds
             cands = method.candidates(data, grid)
             val_scores: list[float] = []
+            val_kl: list[float] = []
             if len(cands) > 1:
                 res = method.score(model, data.val, [s for _, s in cands], prompt, batch_size)
                 val_scores = [getattr(r, select) for r in res]
-                best = int(np.argmax(val_scores))  # first of equals: grids list the milder settings first
+                allowed = np.ones(len(cands), dtype=bool)
+                if max_kl is not None:
+                    # neutral text is not a question: measuring KL on it uses no test data
+                    val_kl = kl_to_unsteered(model, kl_texts, [s for _, s in cands])
+                    allowed = np.array(val_kl) <= max_kl
+                if allowed.any():
+                    # first of equals: grids list the milder settings first
+                    best = int(np.argmax(np.where(allowed, val_scores, -np.inf)))
+                else:
+                    best = int(np.argmin(val_kl))
             else:
                 best = 0
             params, steer = cands[best]
@@ -355,7 +369,8 @@ def run_bench(
                 "mc1": res.mc1, "mc2": res.mc2, "mc3": res.mc3, "kl": kl, "n_test": len(test),
                 "n_fit": len(fit_idx), "n_val": len(val_idx), "fit_s": fit_s, "score_s": score_s,
                 "answers_per_s": n_answers / score_s, "scoring": method.scoring, **gen,
-                "val": [{"params": p, select: v} for (p, _), v in zip(cands, val_scores)],
+                "val": [{"params": p, select: v, **({"kl": k} if val_kl else {})}
+                        for (p, _), v, k in zip(cands, val_scores, val_kl or [None] * len(cands))],
             })
             gen_txt = (f"  gen acc rougeL {gen['gen_acc_rougeL']:.3f} embedding {gen['gen_acc_embedding']:.3f}"
                        if gen else "")
@@ -364,7 +379,7 @@ def run_bench(
     config = {
         "n_questions": len(questions), "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
         "prompt": prompt, "select": select, "methods": list(methods), "model": model.name,
-        "generate": generate, "max_new_tokens": max_new_tokens,
+        "generate": generate, "max_new_tokens": max_new_tokens, "max_kl": max_kl,
         "grids": {m: {**METHODS[m].grid, **grids.get(m, {})} for m in methods},
         "head_collection_s": heads.seconds, "total_s": time.perf_counter() - t_all,
         "splits": [{"train": tr, "test": te} for tr, te in folds],

@@ -87,7 +87,7 @@ def bench(args: argparse.Namespace) -> int:
         model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
         prompt=args.prompt, grids=grids, select=args.select, batch_size=args.batch_size,
         heads=heads,
-        generate=args.generate, max_new_tokens=args.max_new_tokens,
+        generate=args.generate, max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
     )
     table = result.summary()
     print()
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also generate answers to the first N test questions of each fold and score them "
                         "with TruthfulQA's automatic truth metric (ROUGE-L and embeddings)")
     b.add_argument("--max-new-tokens", type=int, default=50)
+    b.add_argument("--max-kl", type=float, default=None,
+                   help="choose only settings whose KL to the unsteered model on neutral text is at most this")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
     b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")

@@ -96,3 +96,13 @@ def test_grid_overrides_parse_and_refuse_typos():
         parse_grid(["iti"])
     with pytest.raises(ValueError, match="unknown method"):
         run_bench(None, [], methods=["nope"])
+
+
+def test_max_kl_rules_out_settings_that_move_the_model_too_far(model):
+    questions = sb.load_truthfulqa("misconceptions")[:12]
+    heads = HeadActivations(model, questions, cache=False)
+    res = run_bench(model, questions, methods=["iti"], prompt="plain", grids={"iti": {"k": [4], "alpha": [0.0, 40.0]}},
+                    kl_texts=sb.datasets.neutral_texts()[:1], heads=heads, max_kl=1e-6, log=lambda s: None)
+    for r in res.folds:
+        assert r["params"]["alpha"] == 0.0 and r["kl"] == 0.0
+        assert r["val"][0]["kl"] == 0.0 and r["val"][1]["kl"] > 1e-6
