@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 
-from steerbench.artifacts import load_artifact
+from steerbench.artifacts import load_artifact, save_artifact
 from steerbench.model import Model
 from steerbench.steerer import Decision, HookFn, StepContext, StepState, Steerer
 from steerbench.steering.iti import ITI, z_hook, z_hooks
@@ -170,11 +170,7 @@ class FASB(Steerer):
     # -- artifacts -------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Saved as its ITI heads with FASB's parameters in the header."""
-        from steerbench.artifacts import save_artifact
-
-        tensors = {"heads": self.heads.heads, "directions": self.heads.directions, "sigma": self.heads.sigma}
-        for name in ("probe_weight", "probe_bias", "probe_mean", "probe_std", "val_acc"):
-            tensors[name] = getattr(self.heads, name)
+        tensors = self.heads.tensors()
         header = {
             "method": "FASB",
             "params": {"strength": self.strength, "threshold": self.threshold, "backtrack": self.backtrack,
@@ -192,10 +188,7 @@ class FASB(Steerer):
         if header.get("method") != "FASB":
             raise ValueError(f"{path} holds a {header.get('method')} artifact, not FASB")
         p = header["params"]
-        heads = ITI(heads=tensors["heads"], directions=tensors["directions"], sigma=tensors["sigma"],
-                    direction=p["direction"], fitted_on=header.get("fitted_on", {}), info=header.get("info", {}),
-                    **{k: tensors[k] for k in ("probe_weight", "probe_bias", "probe_mean", "probe_std", "val_acc")})
-        f = cls(heads, strength=p["strength"], threshold=p["threshold"], backtrack=p["backtrack"],
+        f = cls(ITI.from_tensors(tensors, header), strength=p["strength"], threshold=p["threshold"], backtrack=p["backtrack"],
                 repeat=p["repeat"], reading=p["reading"], newest_only=p["newest_only"])
         if model is not None:
             f.check_model(model)

@@ -33,6 +33,7 @@ from steerbench.steerer import HookFn, StepContext, Steerer
 
 TEMPLATE = "Q: {question} A: {answer}"
 DIRECTIONS = ("mass_mean", "probe")
+PROBE_FIELDS = ("probe_weight", "probe_bias", "probe_mean", "probe_std", "val_acc")
 
 
 def z_hook(layer: int) -> str:
@@ -245,11 +246,23 @@ class ITI(Steerer):
         return f"ITI(K={self.k}, alpha={self.strength:g}, {self.direction})"
 
     # -- artifacts -------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What an artifact stores: heads, directions, sigma and the probes where present."""
+        out = {"heads": self.heads, "directions": self.directions, "sigma": self.sigma}
+        out.update({k: getattr(self, k) for k in PROBE_FIELDS if getattr(self, k) is not None})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], header: dict, strength: float = 15.0) -> "ITI":
+        """Rebuild from ``tensors()`` and an artifact header (its params' direction, provenance)."""
+        return cls(
+            heads=tensors["heads"], directions=tensors["directions"], sigma=tensors["sigma"], strength=strength,
+            direction=header["params"]["direction"], **{k: tensors.get(k) for k in PROBE_FIELDS},
+            fitted_on=header.get("fitted_on", {}), info=header.get("info", {}),
+        )
+
     def save(self, path: str | Path) -> Path:
-        tensors = {"heads": self.heads, "directions": self.directions, "sigma": self.sigma}
-        for name in ("probe_weight", "probe_bias", "probe_mean", "probe_std", "val_acc"):
-            if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
+        tensors = self.tensors()
         header = {
             "method": "ITI",
             "params": {"strength": self.strength, "direction": self.direction, "k": self.k},
@@ -266,13 +279,7 @@ class ITI(Steerer):
         tensors, header = load_artifact(path)
         if header.get("method") != "ITI":
             raise ValueError(f"{path} holds a {header.get('method')} artifact, not ITI")
-        params = header["params"]
-        iti = cls(
-            heads=tensors["heads"], directions=tensors["directions"], sigma=tensors["sigma"],
-            strength=params["strength"], direction=params["direction"],
-            **{k: tensors.get(k) for k in ("probe_weight", "probe_bias", "probe_mean", "probe_std", "val_acc")},
-            fitted_on=header.get("fitted_on", {}), info=header.get("info", {}),
-        )
+        iti = cls.from_tensors(tensors, header, strength=header["params"]["strength"])
         if model is not None:
             iti.check_model(model)
         return iti
@@ -285,7 +292,6 @@ def z_hooks(heads: ITI, ctx: StepContext, strength, where=None) -> list[tuple[st
     ``where(ctx)`` gives the boolean [batch, pos] mask of steered columns (default
     ``ctx.mask``: every column at or after ``steer_from``).
     """
-    unit = heads.layer_deltas(int(heads.heads[:, 1].max()) + 1)  # grown to the real head count below
     cache: dict = {}
 
     def make(layer: int) -> HookFn:
@@ -299,9 +305,7 @@ def z_hooks(heads: ITI, ctx: StepContext, strength, where=None) -> list[tuple[st
             n_heads = z.shape[-1] // heads.d_head if flat else z.shape[-2]
             key = (layer, z.device, z.dtype, n_heads)
             if key not in cache:
-                d = torch.zeros(n_heads, heads.d_head)
-                d[: unit[layer].shape[0]] = unit[layer]
-                cache[key] = d.to(device=z.device, dtype=z.dtype)
+                cache[key] = heads.layer_deltas(n_heads)[layer].to(device=z.device, dtype=z.dtype)
             delta = cache[key].reshape(-1) if flat else cache[key]
             m = (ctx.mask if where is None else where(ctx)).to(z.dtype)
             m = m[:, :, None] if flat else m[:, :, None, None]
