@@ -62,6 +62,12 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_row(path: Path, row: dict) -> None:
+    """Append one finished (method, fold) row to a JSON-lines file as it completes."""
+    with path.open("a") as fh:
+        fh.write(json.dumps(row, default=float) + "\n")
+
+
 def bench(args: argparse.Namespace) -> int:
     import steerbench as sb
     from steerbench import plots
@@ -72,6 +78,7 @@ def bench(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.jsonl").unlink(missing_ok=True)
     grids = parse_grid(args.set)  # fail on a typo before loading anything
     model = sb.load_model()
     data = None if args.data == "truthfulqa" else args.data
@@ -88,6 +95,7 @@ def bench(args: argparse.Namespace) -> int:
         prompt=args.prompt, grids=grids, select=args.select, batch_size=args.batch_size,
         heads=heads,
         generate=args.generate, max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
+        on_row=lambda row: log_row(out / "rows.jsonl", row),
     )
     table = result.summary()
     print()
@@ -141,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also generate answers to the first N test questions of each fold and score them "
                         "with TruthfulQA's automatic truth metric (ROUGE-L and embeddings)")
     b.add_argument("--max-new-tokens", type=int, default=50)
-    b.add_argument("--max-kl", type=float, default=None,
-                   help="choose only settings whose KL to the unsteered model on neutral text is at most this")
+    b.add_argument("--max-kl", type=float, default=0.5,
+                   help="choose only settings whose KL to the unsteered model on neutral text (nats/token) is at "
+                        "most this (default: %(default)s; 'inf' chooses on the validation score alone)")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
     b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")

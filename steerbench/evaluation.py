@@ -263,8 +263,10 @@ def kl_to_unsteered(
     """Mean KL(unsteered || steered) of the next-token distributions, per steerer.
 
     Every position of every text is steered (from the first token on) and every position's
-    prediction counts, as ITI's off-task KL on neutral text. 0 for None.
+    prediction counts, as ITI's off-task KL on neutral text. 0 for None. A dynamic steerer
+    is measured as it steers once it acts (``Steerer.when_acting``).
     """
+    steers = [s.when_acting() if s is not None else None for s in steers]
     if not texts:
         raise ValueError("no texts to measure KL on")
     seqs = [model.encode(t) for t in texts]

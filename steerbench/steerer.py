@@ -114,6 +114,12 @@ class Steerer:
             raise ValueError(f"strength must be a finite number, got {strength!r}")
         return dataclasses.replace(self, strength=float(strength))
 
+    def when_acting(self) -> "Steerer":
+        """The static steering this steerer applies once it acts, for off-task measures
+        (KL on neutral text steers every position, so a dynamic steerer that never sees a
+        generated token would otherwise look harmless). Static steerers are their own."""
+        return self
+
     def check_model(self, model: "Model") -> None:
         """Refuse a model this steerer was not fitted on (subclasses add more checks)."""
         for name in self.sites:

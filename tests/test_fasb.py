@@ -61,6 +61,18 @@ def test_no_check_before_backtrack_tokens_exist_and_once_by_default(model, heads
     assert any(e.kind == "rollback_refused" for e in g.trace.events)
 
 
+def test_an_answer_shorter_than_backtrack_is_judged_by_the_mean_over_its_tokens(model, heads):
+    # the last token of a short answer is usually the stop: it alone must not decide
+    f = Scripted(heads, strength=10.0, threshold=0.6, backtrack=10, script=[0.3, 0.3, 0.9])
+    g = run(model, f, n=3)
+    (ev,) = g.trace.rollbacks
+    assert ev.step == 3 and ev.detail["tokens"] == 3 and "P(true)=0.50" in ev.detail["note"]
+    assert all(s.steered and s.strength == pytest.approx(10.0 * 0.5) for s in g.trace.kept)
+    # and a low reading on the stop alone does not condemn an answer read as true throughout
+    calm = Scripted(heads, strength=10.0, threshold=0.6, backtrack=10, script=[0.8, 0.8, 0.3])
+    assert not run(model, calm, n=3).trace.rollbacks
+
+
 def test_threshold_zero_never_intervenes_and_equals_unsteered(model, heads):
     f = FASB(heads, strength=60.0, threshold=0.0, backtrack=2)
     g = run(model, f)

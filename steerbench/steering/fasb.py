@@ -5,7 +5,9 @@ generation *whether* and *how strongly* to steer:
 
 1. After each generated token (once at least ``backtrack`` tokens exist, and at EOS / the
    last step) it reads the K heads' ``hook_z`` at the newest position and averages their
-   probes: ``p_true = mean_h P_h(true | z_h)``.
+   probes: ``p_true = mean_h P_h(true | z_h)``. An answer that ends before ``backtrack``
+   tokens is judged at its end by the mean ``p_true`` over its tokens (its last token is
+   the stop, a poor witness on its own).
 2. If ``p_true < threshold``: strength ``s = alpha * (1 - p_true)``; the loop rolls back the
    last ``backtrack`` tokens (fewer if fewer were generated), crops the KV cache and
    regenerates from there with ``z[L, h] += s * sigma_h * u_h`` on every following token.
@@ -105,6 +107,12 @@ class FASB(Steerer):
             raise ValueError(f"strength must be a finite number, got {strength!r}")
         return dataclasses.replace(self, strength=float(strength))
 
+    def when_acting(self) -> ITI:
+        """ITI on the same heads at the strength FASB chooses when its probes read chance
+        (P(true) = 0.5, i.e. ``alpha / 2``): what an intervention typically costs off-task.
+        It steers harder when the probes are surer the answer is false, up to ``alpha``."""
+        return dataclasses.replace(self._shift_heads, strength=self.strength * 0.5)
+
     def monitor(self) -> "FASB":
         """The same probes with threshold 0: reads P(true) at every token, never intervenes."""
         return dataclasses.replace(self, threshold=0.0)
@@ -146,11 +154,21 @@ class FASB(Steerer):
         state["fasb_seen"] = step.position
         z = torch.stack([state["fasb_z"][k] for k in range(self.heads.k)])
         p = float(self.p_true(z))
+        seen = state.setdefault("fasb_p", {})  # position -> P(true), for the kept tokens
+        seen[step.position] = p
         eligible = step.n_generated >= self.backtrack or step.is_final
         acted = state.get("fasb_checks", 0) > 0
         if not eligible or (acted and not self.repeat):
             return Decision(score=p)
-        s = self.plan(p)
+        judged = p
+        if step.n_generated < self.backtrack:
+            # an answer that ends before `backtrack` tokens is judged once, at its end; its
+            # last token is usually the stop (newline / EOS), whose P(true) says little about
+            # the answer (0.61 there vs 0.35 on the content tokens in one case), so the
+            # verdict is the mean over all its tokens
+            first = step.position - step.n_generated + 1
+            judged = sum(seen.get(q, p) for q in range(first, step.position + 1)) / step.n_generated
+        s = self.plan(judged)
         if s is None:
             return Decision(score=p)
         state["fasb_checks"] = state.get("fasb_checks", 0) + 1
@@ -160,7 +178,7 @@ class FASB(Steerer):
         state["fasb_from"] = step.position - k
         state["fasb_seen"] = step.position - k  # the regenerated tokens are judged afresh
         return Decision(score=p, strength=s, rollback=k,
-                        note=f"P(true)={p:.2f} < {self.threshold:g}: back {k}, steer at {s:.3g}")
+                        note=f"P(true)={judged:.2f} < {self.threshold:g}: back {k}, steer at {s:.3g}")
 
     def describe(self) -> str:
         extra = (", repeat" if self.repeat else "") + (", paper" if self.reading == "paper" else "")
