@@ -74,6 +74,15 @@ def vector_norms(vectors, title: str = "Steering vector norm by layer") -> go.Fi
 # light diverging scale: black text stays readable on every cell
 _DIVERGING = [[0.0, "#b2182b"], [0.25, "#ef8a62"], [0.5, "#f7f7f7"], [0.75, "#67a9cf"], [1.0, "#2166ac"]]
 _LIGHT_DIVERGING = [[0.0, "#ef8a62"], [0.5, "#f7f7f7"], [1.0, "#67a9cf"]]
+
+
+def diverging_at(white: float) -> list:
+    """``_LIGHT_DIVERGING`` with its white stop moved to ``white`` (a fraction of the scale)."""
+    (_, low), (_, mid), (_, high) = _LIGHT_DIVERGING
+    w = min(max(float(white), 1e-6), 1 - 1e-6)
+    return [[0.0, low], [w, mid], [1.0, high]]
+
+
 _COLORBAR = {
     "win_rate": "share of items<br>where the matching<br>answer is likelier",
     "letter": "P(matching letter)<br>/ (P(A) + P(B))",
@@ -339,7 +348,8 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     )
     dom = fig.layout.yaxis.domain
     fig.add_trace(go.Heatmap(
-        z=z, colorscale=_LIGHT_DIVERGING, zmin=lo, zmax=hi, zmid=mid, xgap=2, ygap=2, hoverinfo="skip",
+        # plotly ignores zmid once zmin/zmax are set, so white goes where mid falls on the scale
+        z=z, colorscale=diverging_at((mid - lo) / (hi - lo)), zmin=lo, zmax=hi, xgap=2, ygap=2, hoverinfo="skip",
         name=colour_title, colorbar={"title": {"text": colour_title, "side": "top"}, "lenmode": "pixels", "len": max(80, tok_h - 10),
                                      "y": dom[1], "yanchor": "top", "thickness": 14, "x": 1.02},
     ), row=1, col=1)

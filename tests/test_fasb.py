@@ -159,3 +159,13 @@ def test_mc_mode_rescores_from_the_flag_minus_backtrack(model, heads, backtrack)
         start = len(p.ids) - 1 if backtrack else len(p.ids)  # at the flagged token itself when backtrack=0
         want = continuation_logprobs(model, [Prompt(p.ids, steer_from=start)], [c], heads.scaled(s))[0]
         assert lp == pytest.approx(float(want), abs=1e-3)
+
+
+def test_off_task_kl_of_fasb_is_that_of_its_heads_steering_at_half_alpha(model, heads):
+    # on neutral text FASB never sees a generated token, so it is measured as it steers once it acts
+    texts = sb.datasets.neutral_texts()[:1]
+    f = FASB(heads, strength=8.0, threshold=0.6, backtrack=4)
+    (kl,) = sb.evaluation.kl_to_unsteered(model, texts, [f])
+    (ref,) = sb.evaluation.kl_to_unsteered(model, texts, [heads.scaled(4.0)])
+    assert kl > 0 and kl == pytest.approx(ref)
+    assert sb.evaluation.kl_to_unsteered(model, texts, [f.scaled(0.0)]) == [0.0]

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from steerbench import geometry, plots
+from steerbench import geometry, plots, widgets
 from steerbench.generation import Generation, TokenStep, Trace, TraceEvent
 from steerbench.model import Prompt
 from steerbench.probes import fit_probes
@@ -245,6 +245,11 @@ def test_trace_shows_discarded_tokens_and_threshold():
     threshold = next(t for t in fig.data if t.name == "threshold 0.5")
     assert set(threshold.y) == {0.5}
     assert any("rollback 2" in (a.text or "") for a in fig.layout.annotations)
+    # white sits at the threshold (zmid would be ignored with zmin/zmax set)
+    assert (colour.zmin, colour.zmax) == (0.0, 1.0) and colour.colorscale[1][0] == pytest.approx(0.5)
+    at6 = plots.trace(gen, threshold=0.6).data[0]
+    assert at6.colorscale[1][0] == pytest.approx(0.6) and at6.colorscale[1][1] == "#f7f7f7"
+    assert widgets.score_colour(0.6, threshold=0.6) == "#f7f7f7"  # the live widget agrees
     assert "2 discarded in 1 rollback" in fig.layout.title.text and "The cat is kind." in fig.layout.title.text
 
 
@@ -252,7 +257,8 @@ def test_trace_without_scores_colours_by_strength():
     fig = plots.trace(make_generation(scores=False), threshold=0.5, per_row=4)
     z = np.asarray(fig.data[0].z, dtype=float)
     assert z.shape == (2, 4)
-    assert z[0, 2] == 4.0 and z[0, 0] == 0.0 and fig.data[0].zmid == 0
+    assert z[0, 2] == 4.0 and z[0, 0] == 0.0
+    assert fig.data[0].colorscale[1][0] == pytest.approx(0.5)  # white at strength 0, mid-scale
     names = {t.name for t in fig.data}
     assert "score" not in names and "threshold 0.5" not in names
     assert "steering strength" in fig.layout.yaxis2.title.text
