@@ -102,7 +102,7 @@ def bench(args: argparse.Namespace) -> int:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     result.config["title"] = f"{args.data}: MC scores, {args.folds}-fold CV ({model.name})"
     result.to_json(out / "results.json")
-    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k not in ("val", "answers", "strengths")}
+    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k not in ("val", "answers", "strengths", "mc_strengths", "mc_first_flag")}
                              for r in result.folds])
     pd_folds.to_csv(out / "folds.csv", index=False)
     fig = result.figure()

@@ -32,6 +32,9 @@ def test_bench_writes_results_and_refuses_a_bad_grid_before_loading(model, tmp_p
     assert [s["method"] for s in data["summary"]] == ["baseline", "iti", "fasb"]
     fasb = data["summary"][2]
     assert fasb["scoring"] == "fasb-mc" and "rollbacks_per_answer" in fasb
+    assert 0 <= fasb["mc_rescored"] <= 1  # how often MC mode intervened on the test answers
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["fold"]) for r in rows] == [(m, f) for f in (0, 1) for m in ("baseline", "iti", "fasb")]
     assert all(0 <= s["gen_acc_rougeL"] <= 1 and 0 <= s["gen_acc_embedding"] <= 1 for s in data["summary"])
     assert data["config"]["grids"]["iti"]["k"] == [2]
     assert "plotly" in (out / "report.html").read_text() and (out / "folds.csv").exists()
