@@ -321,7 +321,7 @@ def run_bench(
     ``generate`` test questions of each fold and score them with TruthfulQA's automatic
     truth metric (``generation_metrics``).
     ``max_kl``: only candidates whose KL to the unsteered model on the neutral text is at
-    most this may be chosen (the least-KL one if none is): without it, validation MC2
+    most this may be chosen (if none is, the best of the least-KL ones): without it, validation MC2
     alone can pick settings that wreck the model (see README).
     ``on_row``: called with each (method, fold) row as soon as it is done, so a long run
     keeps what it measured if it is stopped.
@@ -360,11 +360,12 @@ def run_bench(
                     # neutral text is not a question: measuring KL on it uses no test data
                     val_kl = kl_to_unsteered(model, kl_texts, [s for _, s in cands])
                     allowed = np.array(val_kl) <= max_kl
-                if allowed.any():
-                    # first of equals: grids list the milder settings first
-                    best = int(np.argmax(np.where(allowed, val_scores, -np.inf)))
-                else:
-                    best = int(np.argmin(val_kl))
+                if not allowed.any():
+                    # nothing within the budget: the least-KL settings (e.g. every threshold
+                    # at the smallest alpha), and among those the best on validation
+                    allowed = np.isclose(val_kl, np.min(val_kl), rtol=1e-9, atol=0.0)
+                # first of equals: grids list the milder settings first
+                best = int(np.argmax(np.where(allowed, val_scores, -np.inf)))
             else:
                 best = 0
             params, steer = cands[best]

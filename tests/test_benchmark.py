@@ -106,3 +106,16 @@ def test_max_kl_rules_out_settings_that_move_the_model_too_far(model):
     for r in res.folds:
         assert r["params"]["alpha"] == 0.0 and r["kl"] == 0.0
         assert r["val"][0]["kl"] == 0.0 and r["val"][1]["kl"] > 1e-6
+
+
+def test_with_nothing_within_the_kl_budget_the_best_of_the_least_kl_settings_is_chosen(model):
+    questions = sb.load_truthfulqa("misconceptions")[:12]
+    heads = HeadActivations(model, questions, cache=False)
+    # FASB's KL does not depend on the threshold: both thresholds at alpha 5 tie on KL
+    grid = {"k": [4], "alpha": [5.0, 40.0], "threshold": [0.0, 1.0], "backtrack": [2]}
+    res = run_bench(model, questions, methods=["fasb"], prompt="plain", grids={"fasb": grid},
+                    kl_texts=sb.datasets.neutral_texts()[:1], heads=heads, max_kl=1e-9, log=lambda s: None)
+    for r in res.folds:
+        mild = [v for v in r["val"] if v["params"]["alpha"] == 5.0]
+        assert len(mild) == 2 and mild[0]["kl"] == mild[1]["kl"] < min(v["kl"] for v in r["val"] if v not in mild)
+        assert r["params"] == max(mild, key=lambda v: v["mc2"])["params"]
