@@ -8,6 +8,8 @@ expensive case), at 50 and 200 new tokens:
 - reference-style: FASB recomputing the whole sequence every step with no cache,
   steering only the newest position (as the reference implementation does).
 Target: FASB at most 1.5x the unsteered time, rollback included.
+Last, one-line answers as ``steerbench bench --generate`` writes them, with the
+instruction + primer's keys and values computed once (SharedHead) vs for every question.
 
     python bench/fasb_generation_speed.py [--questions 2] [--tokens 50 200] [--reference-tokens 50]
 """
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--reference-tokens", type=int, nargs="+", default=[50, 200])
+    ap.add_argument("--answers", type=int, default=10, help="questions for the shared-primer comparison")
     args = ap.parse_args()
     model = sb.load_model()
     qs = sb.load_truthfulqa()
@@ -55,6 +58,21 @@ def main() -> None:
             ref = run(sb.FASB(fasb.heads, 15.0, 1.0, 10, newest_only=True), n, use_cache=False)
             line += f", reference-style no cache {ref:7.1f} s ({ref / ours:.1f}x FASB)"
         print(line, flush=True)
+
+    from steerbench.generation import SharedHead
+
+    ids = [model.encode(PROMPTS["instruction+primer"].format(question=q.question)) for q in qs[-args.answers:]]
+    for steer, name in ((None, "unsteered"), (fasb.scaled(15.0).__class__(fasb.heads, 15.0, 0.6, 10), "FASB threshold 0.6")):
+        times, texts = {}, {}
+        for shared in (False, True):
+            t = time.perf_counter()
+            head = SharedHead.of(model, ids, limit=min(map(len, ids)) - 1) if shared else None
+            texts[shared] = [sb.generate(model, Prompt(x, steer_from=len(x) - 1), steer=steer, max_new_tokens=50,
+                                         stop=("\n",), head=head).text for x in ids]
+            times[shared] = time.perf_counter() - t
+        assert texts[True] == texts[False]
+        print(f"{len(ids)} one-line answers, {name}: prompt each time {times[False]:.1f} s, shared primer "
+              f"{times[True]:.1f} s ({times[False] / times[True]:.2f}x, same answers)", flush=True)
 
 
 if __name__ == "__main__":

@@ -413,17 +413,19 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     TruthfulQA's automatic truth metric (max similarity to a true reference minus max to a
     false one, > 0 = true) under ROUGE-L and MiniLM embeddings; for dynamic steerers also
     the rollbacks per answer and the strengths they chose."""
-    from steerbench.generation import generate
+    from steerbench.generation import SharedHead, generate
     from steerbench.model import Prompt
     from steerbench.textmetrics import answer_truth, truth_summary
 
     template = PROMPTS.get(prompt, prompt)
     t0 = time.perf_counter()
     answers, rollbacks, strengths = [], 0, []
-    for q in questions:
-        ids = model.encode(template.format(question=q.question))
+    prompts = [model.encode(template.format(question=q.question)) for q in questions]
+    # the instruction and primer every prompt starts with: computed once, not per question
+    head = SharedHead.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if len(prompts) > 1 else None
+    for ids in prompts:
         g = generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
-                     stop=("\n",))
+                     stop=("\n",), head=head)
         answers.append(g.text.strip())
         rollbacks += len(g.trace.rollbacks)
         strengths += [e.detail["strength"] for e in g.trace.events if e.kind == "strength"]

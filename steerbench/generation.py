@@ -324,6 +324,7 @@ def generate(
     max_rollbacks: int = 16,
     on_step=None,
     stop: Sequence[str] = (),
+    head: SharedHead | None = None,
 ) -> Generation:
     """Generate from ``prompt`` with ``steer`` applied; greedy unless ``temperature > 0``.
 
@@ -332,6 +333,9 @@ def generate(
     ``use_cache=False`` recomputes the whole sequence every step (for checking).
     ``stop``: strings that end the generation once the text contains one (the text is cut
     before it; the tokens are kept), e.g. ``("\n",)`` for one-line answers.
+    ``head``: a :class:`SharedHead` the prompt starts with (e.g. TruthfulQA's instruction
+    and primer, shared by many questions) that ends at or before ``steer_from``: its
+    keys and values are reused instead of being recomputed for every prompt.
     """
     if isinstance(stop, str):
         stop = (stop,)
@@ -349,6 +353,13 @@ def generate(
     ctx = StepContext(steer_from=torch.tensor([p.steer_from], device=device))
     cache = None
     n_cached = 0  # tokens whose keys/values are in the cache
+    if head is not None:
+        if list(p.ids[: len(head)]) != head.ids or len(head) >= len(p.ids):
+            raise ValueError("head must be a proper prefix of the prompt's tokens")
+        if len(head) > p.steer_from or (steer is not None and not steer.prefix_invariant):
+            raise ValueError("head must end at or before steer_from (it was computed unsteered)")
+        if use_cache:
+            cache, n_cached = head.expanded(1), len(head)
     n_rollbacks = 0
     step_no = 0
     finished = False

@@ -169,3 +169,25 @@ def test_off_task_kl_of_fasb_is_that_of_its_heads_steering_at_half_alpha(model, 
     (ref,) = sb.evaluation.kl_to_unsteered(model, texts, [heads.scaled(4.0)])
     assert kl > 0 and kl == pytest.approx(ref)
     assert sb.evaluation.kl_to_unsteered(model, texts, [f.scaled(0.0)]) == [0.0]
+
+
+def test_a_shared_head_gives_the_same_generation_as_computing_the_prompt(model, heads):
+    from steerbench.generation import SharedHead
+    from steerbench.truthfulqa import PROMPTS
+
+    prompts = [model.encode(PROMPTS["instruction+primer"].format(question=q))
+               for q in ("Can pigs fly?", "What is the capital of France?")]
+    head = SharedHead.of(model, prompts, limit=min(map(len, prompts)) - 1)
+    assert len(head) > 100  # the instruction and primer
+    p = sb.Prompt(prompts[0], steer_from=len(prompts[0]) - 1)
+    f = FASB(heads, strength=8.0, threshold=1.0, backtrack=3)  # always backs off once
+    for steer in (None, heads.scaled(4.0), f):
+        plain = sb.generate(model, p, steer=steer, max_new_tokens=8, stop_at_eos=False)
+        shared = sb.generate(model, p, steer=steer, max_new_tokens=8, stop_at_eos=False, head=head)
+        assert shared.tokens == plain.tokens
+        assert [s.score for s in shared.trace.steps] == pytest.approx([s.score for s in plain.trace.steps], abs=1e-5)
+    assert len(sb.generate(model, p, steer=f, max_new_tokens=8, head=head).trace.rollbacks) == 1
+    with pytest.raises(ValueError, match="prefix"):
+        sb.generate(model, sb.Prompt(prompts[0][5:], steer_from=10), head=head)
+    with pytest.raises(ValueError, match="steer_from"):
+        sb.generate(model, sb.Prompt(prompts[0], steer_from=3), steer=heads, head=head)
