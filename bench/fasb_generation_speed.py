@@ -62,7 +62,7 @@ def main() -> None:
     from steerbench.generation import SharedHead
 
     ids = [model.encode(PROMPTS["instruction+primer"].format(question=q.question)) for q in qs[-args.answers:]]
-    for steer, name in ((None, "unsteered"), (fasb.scaled(15.0).__class__(fasb.heads, 15.0, 0.6, 10), "FASB threshold 0.6")):
+    for steer, name in ((None, "unsteered"), (sb.FASB(fasb.heads, 15.0, 0.6, 10), "FASB threshold 0.6")):
         times, texts = {}, {}
         for shared in (False, True):
             t = time.perf_counter()
