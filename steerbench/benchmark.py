@@ -151,7 +151,6 @@ class Method:
     description: str = ""
     grid: dict[str, list] = {}
     scoring: str = "uniform"  # how MC answers are scored: steered throughout, or the method's own mode
-    last_stats: dict = {}  # what the last ``score`` call did besides scoring (e.g. FASB's interventions)
 
     def candidates(self, data: FitData, grid: dict[str, list]) -> list[tuple[dict, Steerer | None]]:
         """(hyperparameters, steerer) for every point of ``grid``, fitted on ``data.fit``
@@ -217,11 +216,8 @@ class FASBMethod(Method):
         ]
 
     def score(self, model, questions, steers, prompt, batch_size):
-        runs = [mc_mode_scores(model, questions, s, prompt=prompt, batch_size=batch_size) for s in steers]
-        r = runs[-1]
-        self.last_stats = {"mc_rescored": r.rescored, "mc_strengths": r.strengths,
-                           "mc_first_flag": r.first_flag}  # the test run's interventions, for the report
-        return [r.result for r in runs]
+        # each result's info holds MC mode's interventions (share re-scored, strengths, first flags)
+        return [mc_mode_scores(model, questions, s, prompt=prompt, batch_size=batch_size).result for s in steers]
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
@@ -374,10 +370,8 @@ def run_bench(
                 log(f"  fold {f} {name} val {_fmt_params(p)}: {select.upper()} {v:.3f}{kl_txt}{'  <- chosen' if j == best else ''}")
             fit_s = time.perf_counter() - t0 - (heads.seconds - collected)  # activation collection is shared
             t0 = time.perf_counter()
-            method.last_stats = {}
             res = method.score(model, test_q, [steer], prompt, batch_size)[0]
             score_s = time.perf_counter() - t0
-            stats = dict(method.last_stats)
             kl = kl_to_unsteered(model, kl_texts, [steer])[0] if steer is not None else 0.0
             gen = generation_metrics(model, test_q[:generate], steer, prompt, max_new_tokens) if generate else {}
             for i, v in zip(test, res.per_question):
@@ -386,7 +380,7 @@ def run_bench(
                 "method": name, "fold": f, "params": params, "describe": steer.describe() if steer else "none",
                 "mc1": res.mc1, "mc2": res.mc2, "mc3": res.mc3, "kl": kl, "n_test": len(test),
                 "n_fit": len(fit_idx), "n_val": len(val_idx), "fit_s": fit_s, "score_s": score_s,
-                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **stats, **gen,
+                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **res.info, **gen,
                 "val": [{"params": p, select: v, **({"kl": k} if val_kl else {})}
                         for (p, _), v, k in zip(cands, val_scores, val_kl or [None] * len(cands))],
             })
@@ -422,7 +416,8 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     answers, rollbacks, strengths = [], 0, []
     prompts = [model.encode(template.format(question=q.question)) for q in questions]
     # the instruction and primer every prompt starts with: computed once, not per question
-    head = SharedHead.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if len(prompts) > 1 else None
+    share = len(prompts) > 1 and (steer is None or steer.prefix_invariant)
+    head = SharedHead.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None
     for ids in prompts:
         g = generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
                      stop=("\n",), head=head)

@@ -13,7 +13,7 @@ the unsteered prompt prefix, computed once (``continuation_logprobs_many``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -82,6 +82,7 @@ class MCResult:
     mc3: float
     per_question: list[tuple[float, float, float]]
     prompt: str
+    info: dict = field(default_factory=dict)  # what the scoring did besides scoring (e.g. FASB's interventions)
 
     def as_dict(self) -> dict:
         return {"mc1": self.mc1, "mc2": self.mc2, "mc3": self.mc3, "n": len(self.per_question), "prompt": self.prompt}

@@ -321,4 +321,5 @@ def mc_mode_scores(model: Model, questions, fasb: FASB, prompt: str = "instructi
             for i, v in zip(again, logprob(logits, again)):
                 scores[i] = v
     res = mc_result(questions, scores.tolist(), prompt)
+    res.info = {"mc_rescored": len(strengths) / len(seqs), "mc_strengths": strengths, "mc_first_flag": flags}
     return MCModeResult(res, scores.tolist(), len(strengths) / len(seqs), strengths, by_answer, flags)
