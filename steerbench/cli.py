@@ -62,6 +62,12 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    from steerbench.doctor import report
+
+    return 0 if report(smoke=not args.no_smoke) else 1
+
+
 def log_row(path: Path, row: dict) -> None:
     """Append one finished (method, fold) row to a JSON-lines file as it completes."""
     with path.open("a") as fh:
@@ -155,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
     b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")
+    doc = sub.add_parser("doctor", help="versions, device, cache folder, the default model's fingerprint and a "
+                                        "smoke check (run it when something looks wrong)")
+    doc.add_argument("--no-smoke", action="store_true", help="skip the smoke check (generation and the KV-cache test)")
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        return doctor(args)
     if args.command == "demo":
         return demo(args)
     if args.command == "bench":

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from steerbench.kvcache import forward_cached
 from steerbench.model import Model, Prompt
 from steerbench.steerer import Decision, HookFn, StepContext, StepState, Steerer
 
@@ -137,7 +138,7 @@ class SharedHead:
             return None
         ids = torch.tensor([list(first[:n])], device=model.device)
         with torch.no_grad():
-            _, cache = model.bridge.forward(ids, return_type="logits_and_cache", prepend_bos=False)
+            _, cache = forward_cached(model, ids)
         return cls(list(first[:n]), cache)
 
     def __len__(self) -> int:
@@ -200,9 +201,8 @@ def steered_suffixes(
             past = head.expanded(len(distinct))
             pre_mask = torch.cat([torch.ones(len(distinct), h, dtype=pre_mask.dtype, device=device), pre_mask], 1)
         with torch.no_grad():
-            _, cache = model.bridge.forward(
-                pre.ids, attention_mask=pre_mask, position_ids=pre.positions.clamp(min=0) + h,
-                past_key_values=past, prepend_bos=False, return_type="logits_and_cache",
+            _, cache = forward_cached(
+                model, pre.ids, past, attention_mask=pre_mask, position_ids=pre.positions.clamp(min=0) + h
             )
         if len(distinct) < len(seqs):
             cache.reorder_cache(row_of)
@@ -221,10 +221,7 @@ def steered_suffixes(
             ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=device))
             ctx.set_pass(ctx_positions)
             with torch.no_grad(), steering(model, steer, ctx, extra_hooks):
-                logits, cache = model.bridge.forward(
-                    ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                    prepend_bos=False, return_type="logits_and_cache",
-                )
+                logits, cache = forward_cached(model, ids, cache, attention_mask=full_mask, position_ids=positions)
             cache.crop(-width)
             yield k, logits
         else:
@@ -375,9 +372,7 @@ def generate(
             ctx.set_pass(torch.arange(start, len(seq), device=device)[None, :])
             ids = torch.tensor([feed], device=device)
             if use_cache:
-                logits, cache = model.bridge.forward(
-                    ids, return_type="logits_and_cache", past_key_values=cache, prepend_bos=False
-                )
+                logits, cache = forward_cached(model, ids, cache)
                 n_cached = len(seq)
             else:
                 logits = model.bridge.forward(ids, prepend_bos=False)

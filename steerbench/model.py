@@ -11,6 +11,7 @@ numerics, and every saved artifact records that (``Model.fingerprint()``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -244,6 +245,19 @@ def _gguf_location() -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _load_default_hf(dtype: torch.dtype, refresh: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -253,9 +267,12 @@ def _load_default_hf(dtype: torch.dtype, refresh: bool = False) -> tuple[Any, An
     gguf_stat = (folder / _GGUF_FILE).stat()
     source = {"gguf": _GGUF_FILE, "size": gguf_stat.st_size}
     if not refresh and stamp.exists() and json.loads(stamp.read_text()) == source:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        with _no_progress_bar():  # a cached load takes a second: no bar for it
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
         return hf, tokenizer
+    print(f"steerbench: first load of the default model: dequantizing its GGUF file into {target} "
+          "(once, about 20 s)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # The dequantized model is plain fp32 now; drop the GGUF marker so it saves and reloads

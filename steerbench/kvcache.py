@@ -1,0 +1,86 @@
+"""Where the KV cache goes, per transformers version, and a check that it was filled.
+
+Every cached forward pass in steerbench goes through :func:`forward_cached`: the token
+loop's decode steps, the shared-prefix cache of the evaluators and the steered suffixes
+on top of it. It is the one place that knows how the cache reaches the model, and it
+checks after every pass that the cache grew by exactly the columns fed, so a library
+release that silently stops filling the cache fails loudly instead of generating
+``It-------``.
+
+What was measured (transformer-lens 4.3.0, Llama-architecture model):
+
+=====================  =================================================================
+transformers           how the cache travels
+=====================  =================================================================
+5.0 - 5.23             ``bridge.forward(past_key_values=cache)`` hands it to the Hugging
+                       Face model, whose decoder layers pass ``past_key_values=`` on to
+                       each attention module; the bridge's ``AttentionBridge`` reads that
+                       keyword and updates the cache. Works.
+5.24                   the Hugging Face model renames the keyword to ``cache=`` (and warns
+                       that ``past_key_values`` is deprecated) and passes ``cache=`` to each
+                       attention module. ``AttentionBridge._update_kv_cache`` reads only
+                       ``past_key_values`` / ``layer_past``, so the cache stays empty
+                       (``get_seq_length() == 0``) and every decode step attends to itself
+                       alone. Nothing the caller passes fixes this: the bridge itself must
+                       read ``cache``. Unsupported; ``pyproject.toml`` bounds
+                       ``transformers<5.24``.
+=====================  =================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# The keyword TransformerBridge.forward takes the cache under (transformer-lens 4.3.0 has no
+# other, whatever the transformers version below it).
+CACHE_KWARG = "past_key_values"
+
+
+class KVCacheError(RuntimeError):
+    """The KV cache did not grow as it must: the installed libraries do not fit together."""
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries the numerics depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("transformers", "transformer-lens", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def versions_line() -> str:
+    return ", ".join(f"{k} {v}" for k, v in library_versions().items())
+
+
+def cache_length(cache: Any) -> int:
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def forward_cached(model: Any, ids: torch.Tensor, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``(logits, cache)`` of one pass over ``ids`` (``[batch, new]``) on top of ``cache``.
+
+    ``cache=None`` starts a new cache. ``kwargs`` go to ``bridge.forward`` (attention
+    mask, position ids). The cache is extended in place and returned; it must hold
+    exactly ``ids.shape[1]`` more positions afterwards, else :class:`KVCacheError`.
+    """
+    before = cache_length(cache)
+    logits, cache = model.bridge.forward(
+        ids, return_type="logits_and_cache", prepend_bos=False, **{CACHE_KWARG: cache}, **kwargs
+    )
+    after = cache_length(cache)
+    if after != before + ids.shape[1]:
+        raise KVCacheError(
+            f"the KV cache held {before} positions and should hold {before + ids.shape[1]} after a "
+            f"{ids.shape[1]}-token pass, but holds {after}: cached generation would ignore earlier "
+            f"tokens. Installed: {versions_line()}. steerbench is tested on the versions in "
+            f"constraints.txt (make install); transformers 5.24 with transformer-lens 4.3.0 is known "
+            f"to leave the cache empty. Run `steerbench doctor`."
+        )
+    return logits, cache
