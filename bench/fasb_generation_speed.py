@@ -9,7 +9,7 @@ expensive case), at 50 and 200 new tokens:
   steering only the newest position (as the reference implementation does).
 Target: FASB at most 1.5x the unsteered time, rollback included.
 Last, one-line answers as ``steerbench bench --generate`` writes them, with the
-instruction + primer's keys and values computed once (SharedHead) vs for every question.
+instruction + primer's keys and values computed once (SharedPrefix) vs for every question.
 
     python bench/fasb_generation_speed.py [--questions 2] [--tokens 50 200] [--reference-tokens 50]
 """
@@ -59,16 +59,16 @@ def main() -> None:
             line += f", reference-style no cache {ref:7.1f} s ({ref / ours:.1f}x FASB)"
         print(line, flush=True)
 
-    from steerbench.generation import SharedHead
+    from steerbench.passes import SharedPrefix
 
     ids = [model.encode(PROMPTS["instruction+primer"].format(question=q.question)) for q in qs[-args.answers:]]
     for steer, name in ((None, "unsteered"), (sb.FASB(fasb.heads, 15.0, 0.6, 10), "FASB threshold 0.6")):
         times, texts = {}, {}
         for shared in (False, True):
             t = time.perf_counter()
-            head = SharedHead.of(model, ids, limit=min(map(len, ids)) - 1) if shared else None
+            head = SharedPrefix.of(model, ids, limit=min(map(len, ids)) - 1) if shared else None
             texts[shared] = [sb.generate(model, Prompt(x, steer_from=len(x) - 1), steer=steer, max_new_tokens=50,
-                                         stop=("\n",), head=head).text for x in ids]
+                                         stop=("\n",), prefix=head).text for x in ids]
             times[shared] = time.perf_counter() - t
         assert texts[True] == texts[False]
         print(f"{len(ids)} one-line answers, {name}: prompt each time {times[False]:.1f} s, shared primer "

@@ -4,7 +4,7 @@ Same run, same questions, same prompt (instruction + 6-shot primer), unsteered a
 ITI steerer:
 - naive: one forward pass of prompt + answer per answer (what a simple loop does);
 - batched: ``mc_scores`` — the primer's keys/values computed once for the whole run
-  (SharedHead), each batch's distinct question prompts once, answers batched on top.
+  (SharedPrefix), each batch's distinct question prompts once, answers batched on top.
 Both must give the same MC2 (checked). Prints answers per second and the ratio.
 
     python bench/mc_scoring_speed.py [--questions 20] [--batch-size 16]

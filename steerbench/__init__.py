@@ -4,20 +4,35 @@ __version__ = "0.1.0"
 
 from steerbench.activations import collect, collect_heads, collect_resid
 from steerbench.datasets import ABItem, MCQuestion, behavior, load_ab, load_open_ended, load_truthfulqa, qa_examples
-from steerbench.generation import Generation, Trace, forward_batch, generate
+from steerbench.generation import Generation, Trace, generate
 from steerbench.model import Model, Prompt, load_model
-from steerbench.steering import CAA, FASB, HeadProbes, ITI, Decision, StepContext, StepState, Steerer
+from steerbench.passes import SharedPrefix, forward_batch
+from steerbench.steering import (
+    CAA,
+    FASB,
+    ITI,
+    Decision,
+    HeadProbes,
+    HeadReadout,
+    HeadShift,
+    Steerer,
+    StepContext,
+    StepState,
+)
 
 __all__ = [
     "ABItem",
     "CAA",
     "FASB",
     "HeadProbes",
+    "HeadReadout",
+    "HeadShift",
     "ITI",
     "Decision",
     "Generation",
     "Model",
     "Prompt",
+    "SharedPrefix",
     "StepContext",
     "StepState",
     "Steerer",

@@ -10,17 +10,18 @@ before batching (less padding), and results come back in input order.
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from steerbench.generation import forward_batch
 from steerbench.model import Model, Prompt
+from steerbench.passes import forward_batch
 from steerbench.steerer import Steerer
 
-Position = Union[str, int]
-Input = Union[str, Sequence[int], Prompt]
+Position = str | int
+Input = str | Sequence[int] | Prompt
 
 
 def _check_position(position: Position) -> None:
@@ -47,7 +48,7 @@ def _encode(model: Model, item: Input) -> tuple[list[int], int]:
     return ids, len(ids)
 
 
-def _stop_layer(model: Model, hooks: Sequence[str]) -> int | None:
+def _stop_layer(hooks: Sequence[str]) -> int | None:
     deepest = -1
     for name in hooks:
         m = re.match(r"blocks\.(\d+)\.", name)
@@ -66,7 +67,7 @@ def collect(
     batch_size: int = 16,
     steer: Steerer | None = None,
     progress: bool | None = None,
-) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+) -> dict[str, Any]:
     """Activations of ``inputs`` at ``hooks``, reduced to ``position``.
 
     inputs: texts (encoded without chat formatting; use ``model.chat_text`` first for chat),
@@ -105,7 +106,7 @@ def collect(
             raise ValueError(f"position {position} is before the start of input {short[0]}")
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    stop = _stop_layer(model, hooks)
+    stop = _stop_layer(hooks)
     out: dict[str, list] = {h: [None] * len(encoded) for h in hooks}
     # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
     names_at: dict[int, list[str]] = {}
@@ -132,7 +133,7 @@ def collect(
             stop_at_layer=stop,
         )
     if position == "all":
-        return out
+        return dict(out)
     return {h: torch.stack(v) for h, v in out.items()}
 
 

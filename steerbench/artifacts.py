@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
     from steerbench.model import Model
@@ -54,7 +54,7 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return load_file(str(p)), json.loads(meta[HEADER_KEY])
 
 
-def check_fingerprint(fitted_on: dict | None, model: "Model", what: str = "this artifact") -> None:
+def check_fingerprint(fitted_on: dict | None, model: Model, what: str = "this artifact") -> None:
     """Raise ArtifactMismatch unless ``model`` is the one ``fitted_on`` describes."""
     if not fitted_on:
         return

@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,9 +37,9 @@ from steerbench.evaluation import kl_to_unsteered
 from steerbench.model import Model, cache_dir
 from steerbench.probes import group_split
 from steerbench.steerer import Steerer
-from steerbench.steering.fasb import FASB, mc_mode_scores
+from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
-from steerbench.truthfulqa import MCResult, PROMPTS, mc_scores
+from steerbench.truthfulqa import PROMPTS, MCResult, mc_mode_scores, mc_scores
 
 METRICS = ("mc1", "mc2", "mc3")
 
@@ -178,7 +178,7 @@ class Baseline(Method):
     name = "baseline"
     description = "no steering"
 
-    def candidates(self, data, grid):
+    def candidates(self, data, grid):  # noqa: ARG002 (the Method interface; nothing to fit)
         return [({}, None)]
 
 
@@ -186,7 +186,7 @@ class Baseline(Method):
 class ITIMethod(Method):
     name = "iti"
     description = "Inference-Time Intervention: top-K head probes, mass-mean directions, alpha * sigma"
-    # K around 5% of the heads (METHODS.md): 14 of SmolLM2-135M's 270; alpha 15 is the reference default
+    # K around 5% of the heads (docs/methods.md, ITI): 14 of SmolLM2-135M's 270; alpha 15 is the reference default
     # alpha 15 is the reference default, but on this small model alpha 30 with K=32 moved the
     # off-task KL by 10.7 nats/token (README), so the grid reaches down to alpha 2
     grid = {"k": [8, 16, 32], "alpha": [2.0, 5.0, 15.0], "direction": ["mass_mean"]}
@@ -367,29 +367,30 @@ def run_bench(
             params, steer = cands[best]
             for j, ((p, _), v) in enumerate(zip(cands, val_scores)):
                 kl_txt = f"  KL {val_kl[j]:.3f}" if val_kl else ""
-                log(f"  fold {f} {name} val {_fmt_params(p)}: {select.upper()} {v:.3f}{kl_txt}{'  <- chosen' if j == best else ''}")
+                mark = "  <- chosen" if j == best else ""
+                log(f"  fold {f} {name} val {_fmt_params(p)}: {select.upper()} {v:.3f}{kl_txt}{mark}")
             fit_s = time.perf_counter() - t0 - (heads.seconds - collected)  # activation collection is shared
             t0 = time.perf_counter()
-            res = method.score(model, test_q, [steer], prompt, batch_size)[0]
+            test_res = method.score(model, test_q, [steer], prompt, batch_size)[0]
             score_s = time.perf_counter() - t0
             kl = kl_to_unsteered(model, kl_texts, [steer])[0] if steer is not None else 0.0
             gen = generation_metrics(model, test_q[:generate], steer, prompt, max_new_tokens) if generate else {}
-            for i, v in zip(test, res.per_question):
-                per_question[name][i] = v
+            for i, pq in zip(test, test_res.per_question):
+                per_question[name][i] = pq
             rows.append({
                 "method": name, "fold": f, "params": params, "describe": steer.describe() if steer else "none",
-                "mc1": res.mc1, "mc2": res.mc2, "mc3": res.mc3, "kl": kl, "n_test": len(test),
+                "mc1": test_res.mc1, "mc2": test_res.mc2, "mc3": test_res.mc3, "kl": kl, "n_test": len(test),
                 "n_fit": len(fit_idx), "n_val": len(val_idx), "fit_s": fit_s, "score_s": score_s,
-                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **res.info, **gen,
+                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **test_res.info, **gen,
                 "val": [{"params": p, select: v, **({"kl": k} if val_kl else {})}
-                        for (p, _), v, k in zip(cands, val_scores, val_kl or [None] * len(cands))],
+                        for (p, _), v, k in zip(cands, val_scores, val_kl or [0.0] * len(cands))],
             })
             if on_row is not None:
                 on_row(rows[-1])
             gen_txt = (f"  gen acc rougeL {gen['gen_acc_rougeL']:.3f} embedding {gen['gen_acc_embedding']:.3f}"
                        if gen else "")
-            log(f"fold {f} {name:>10}: {_fmt_params(params)}  test MC1 {res.mc1:.3f} MC2 {res.mc2:.3f} "
-                f"MC3 {res.mc3:.3f}  KL {kl:.4f}{gen_txt}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
+            log(f"fold {f} {name:>10}: {_fmt_params(params)}  test MC1 {test_res.mc1:.3f} MC2 {test_res.mc2:.3f} "
+                f"MC3 {test_res.mc3:.3f}  KL {kl:.4f}{gen_txt}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
     config = {
         "n_questions": len(questions), "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
         "prompt": prompt, "select": select, "methods": list(methods), "model": model.name,
@@ -407,8 +408,9 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     TruthfulQA's automatic truth metric (max similarity to a true reference minus max to a
     false one, > 0 = true) under ROUGE-L and MiniLM embeddings; for dynamic steerers also
     the rollbacks per answer and the strengths they chose."""
-    from steerbench.generation import SharedHead, generate
+    from steerbench.generation import generate
     from steerbench.model import Prompt
+    from steerbench.passes import SharedPrefix
     from steerbench.textmetrics import answer_truth, truth_summary
 
     template = PROMPTS.get(prompt, prompt)
@@ -417,10 +419,10 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     prompts = [model.encode(template.format(question=q.question)) for q in questions]
     # the instruction and primer every prompt starts with: computed once, not per question
     share = len(prompts) > 1 and (steer is None or steer.prefix_invariant)
-    head = SharedHead.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None
+    head = SharedPrefix.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None
     for ids in prompts:
         g = generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
-                     stop=("\n",), head=head)
+                     stop=("\n",), prefix=head)
         answers.append(g.text.strip())
         rollbacks += len(g.trace.rollbacks)
         strengths += [e.detail["strength"] for e in g.trace.events if e.kind == "strength"]

@@ -75,11 +75,12 @@ def log_row(path: Path, row: dict) -> None:
 
 
 def bench(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     import steerbench as sb
     from steerbench import plots
     from steerbench.benchmark import HeadActivations, parse_grid, run_bench
     from steerbench.report import write_page
-    import pandas as pd
 
     t0 = time.time()
     out = Path(args.out)
@@ -108,7 +109,8 @@ def bench(args: argparse.Namespace) -> int:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     result.config["title"] = f"{args.data}: MC scores, {args.folds}-fold CV ({model.name})"
     result.to_json(out / "results.json")
-    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k not in ("val", "answers", "strengths", "mc_strengths", "mc_first_flag")}
+    long_fields = ("val", "answers", "strengths", "mc_strengths", "mc_first_flag")
+    pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k not in long_fields}
                              for r in result.folds])
     pd_folds.to_csv(out / "folds.csv", index=False)
     fig = result.figure()

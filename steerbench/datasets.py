@@ -17,9 +17,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 _CHOICE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
@@ -51,7 +51,7 @@ class ABItem:
         return dict(self.choices)[self.not_matching]
 
     @classmethod
-    def from_record(cls, record: dict, where: str = "item") -> "ABItem":
+    def from_record(cls, record: dict, where: str = "item") -> ABItem:
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: expected an object, got {type(record).__name__}")
         missing = [k for k in ("question", "answer_matching_behavior", "answer_not_matching_behavior") if k not in record]

@@ -14,16 +14,16 @@ instruction on, answer tokens included.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from steerbench.datasets import ABItem
-from steerbench.generation import SharedHead, forward_batch, steered_suffixes
 from steerbench.model import Model, Prompt
-from steerbench.steerer import Steerer
+from steerbench.passes import SharedPrefix, forward_batch, steered_suffixes
+from steerbench.steerer import Flagger, Steerer, refuse_observing
 
 
 def _batches(n: int, size: int) -> Iterable[range]:
@@ -58,6 +58,7 @@ def continuation_logprobs_many(
 ) -> torch.Tensor:
     """[len(steers), N] summed continuation log-probabilities; the unsteered prefix of each
     batch is computed once and shared by all steerers."""
+    refuse_observing(steers, "continuation scoring")
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     if not prompts:
@@ -66,7 +67,7 @@ def continuation_logprobs_many(
         raise ValueError("every continuation needs at least one token")
     out = torch.empty(len(steers), len(prompts), dtype=torch.float64)
     # a prefix all prompts share (instruction, few-shot primer) is computed once for all batches
-    head = SharedHead.of(model, [p.ids for p in prompts], limit=min(_split(p) for p in prompts) - 1)
+    head = SharedPrefix.of(model, [p.ids for p in prompts], limit=min(_split(p) for p in prompts) - 1)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
     for chunk in tqdm(list(_batches(len(order), batch_size)), disable=not progress, leave=False):
         idx = [order[i] for i in chunk]
@@ -81,6 +82,81 @@ def continuation_logprobs_many(
                 lp = torch.log_softmax(logits[row, start : start + n_c].float(), dim=-1)
                 out[k, i] = lp.gather(-1, targets[row][:, None]).sum().double().cpu()
     return out
+
+
+@dataclass
+class FlaggedScores:
+    """Continuation scores from two-pass scoring, and where and how strongly it intervened."""
+
+    logprobs: torch.Tensor  # [N] float64: the flagged rows' re-scored values, the others' unsteered ones
+    strengths: list[float | None]  # per row: the strength it was re-scored at, None if never flagged
+    first_flag: list[int | None]  # per row: the continuation token that triggered it
+
+    @property
+    def rescored(self) -> float:
+        """Share of the rows that were re-scored with steering."""
+        return sum(s is not None for s in self.strengths) / len(self.strengths)
+
+
+def flagged_logprobs(
+    model: Model,
+    prompts: Sequence[Prompt],
+    continuations: Sequence[Sequence[int]],
+    flagger: Flagger,
+    batch_size: int = 16,
+) -> FlaggedScores:
+    """Score, flag, re-score: each continuation is scored unsteered while ``flagger`` reads
+    the activations it needs; where it flags continuation token j at strength s, the row
+    is scored again with ``flagger.rescore`` at s, steered from ``backtrack`` tokens before
+    token j (never before the last prompt token). Rows never flagged keep their unsteered
+    score. (FASB's multiple-choice mode; it partly re-ranks answers by the flagger's
+    verdict, so report it apart from uniform steering.)
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if not prompts or any(len(c) == 0 for c in continuations):
+        raise ValueError("nothing to score: every continuation needs at least one token")
+    refuse_observing([flagger.rescore], "the re-scoring pass")
+    seqs = [list(p.ids) + list(c) for p, c in zip(prompts, continuations)]
+    split = [len(p.ids) - 1 for p in prompts]  # column 0: the last prompt token
+    prefix = SharedPrefix.of(model, [p.ids for p in prompts], limit=min(split) - 1)
+    scores = torch.empty(len(seqs), dtype=torch.float64)
+    strengths: list[float | None] = [None] * len(seqs)
+    flags: list[int | None] = [None] * len(seqs)
+
+    def logprob(logits: torch.Tensor, rows: list[int]) -> list[float]:
+        out = []
+        for r, i in enumerate(rows):
+            n = len(continuations[i])
+            lp = torch.log_softmax(logits[r, :n].float(), -1)  # column j predicts continuation token j
+            out.append(float(lp.gather(-1, torch.as_tensor(list(continuations[i]))[:, None]).sum()))
+        return out
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for at in range(0, len(order), batch_size):
+        idx = order[at : at + batch_size]
+        store: dict = {}
+        sp = [split[i] for i in idx]
+        (_, logits), = steered_suffixes(model, [seqs[i] for i in idx], sp, sp, [None], prefix,
+                                        extra_hooks=flagger.read_hooks(store))
+        again, rows_s, steer_from = [], [], []
+        for r, (i, v, verdict) in enumerate(zip(idx, logprob(logits, idx),
+                                                flagger.flag(store, [len(continuations[i]) for i in idx]))):
+            scores[i] = v
+            if verdict is None:
+                continue
+            j, s = verdict
+            pos = len(prompts[i].ids) + j  # absolute position of the flagged token
+            again.append(i)
+            rows_s.append(s)
+            steer_from.append(max(pos - flagger.backtrack, split[i]))
+            strengths[i], flags[i] = float(s), int(j)
+        if again:
+            (_, logits), = steered_suffixes(model, [seqs[i] for i in again], [split[i] for i in again], steer_from,
+                                            [flagger.rescore], prefix, row_strengths=torch.tensor(rows_s))
+            for i, v in zip(again, logprob(logits, again)):
+                scores[i] = v
+    return FlaggedScores(scores, strengths, flags)
 
 
 def _letter_ids(model: Model, letters: Iterable[str]) -> dict[str, int]:
@@ -113,6 +189,7 @@ def letter_scores_many(
     system: str | None = None,
 ) -> torch.Tensor:
     """[len(steers), N] letter scores, sharing each batch's unsteered prefix across steerers."""
+    refuse_observing(steers, "letter scoring")
     if not items:
         raise ValueError("no items to score")
     letter_id = _letter_ids(model, {x for it in items for x in (it.matching, it.not_matching)})
@@ -275,6 +352,7 @@ def kl_to_unsteered(
     for chunk in _batches(len(seqs), batch_size):
         batch = [seqs[i] for i in chunk]
         base, b = forward_batch(model, batch)
+        assert base is not None
         keep = b.attention_mask.bool()
         base_lp = torch.log_softmax(base.float(), -1)[keep]
         count += int(keep.sum())
@@ -282,6 +360,7 @@ def kl_to_unsteered(
             if steer is None:
                 continue
             logits, _ = forward_batch(model, batch, steer, steer_from=[0] * len(batch))
+            assert logits is not None
             lp = torch.log_softmax(logits.float(), -1)[keep]
             total[k] += float((base_lp.exp() * (base_lp - lp)).sum())
     return (total / count).tolist()

@@ -168,7 +168,7 @@ def pca_projection(
     return PCAProjection(
         coords=coords,
         labels=y,
-        label_names=tuple(label_names),
+        label_names=(str(label_names[0]), str(label_names[1])),
         texts=list(texts) if texts is not None else [],
         explained=pca.explained_variance_ratio_.copy(),
         direction=proj_dir,

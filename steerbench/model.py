@@ -259,7 +259,10 @@ def _no_progress_bar():
 
 
 def _load_default_hf(dtype: torch.dtype, refresh: bool = False) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM as _Auto
+    from transformers import AutoTokenizer
+
+    AutoModelForCausalLM: Any = _Auto  # its stubs type from_pretrained's result too narrowly
 
     folder = _gguf_location()
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"

@@ -343,15 +343,17 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     fig = make_subplots(
         rows=2, cols=1, row_heights=[tok_h, curve_h], vertical_spacing=70 / height,
         specs=[[{}], [{"secondary_y": True}]],
-        subplot_titles=[f"tokens in the order produced, coloured by {'the score the steerer observed' if has_score else 'steering strength'}",
+        subplot_titles=["tokens in the order produced, coloured by "
+                        + ("the score the steerer observed" if has_score else "steering strength"),
                         "steering strength" + (" and score" if has_score else "") + " per step"],
     )
     dom = fig.layout.yaxis.domain
     fig.add_trace(go.Heatmap(
         # plotly ignores zmid once zmin/zmax are set, so white goes where mid falls on the scale
         z=z, colorscale=diverging_at((mid - lo) / (hi - lo)), zmin=lo, zmax=hi, xgap=2, ygap=2, hoverinfo="skip",
-        name=colour_title, colorbar={"title": {"text": colour_title, "side": "top"}, "lenmode": "pixels", "len": max(80, tok_h - 10),
-                                     "y": dom[1], "yanchor": "top", "thickness": 14, "x": 1.02},
+        name=colour_title,
+        colorbar={"title": {"text": colour_title, "side": "top"}, "lenmode": "pixels", "len": max(80, tok_h - 10),
+                  "y": dom[1], "yanchor": "top", "thickness": 14, "x": 1.02},
     ), row=1, col=1)
     fig.add_trace(go.Heatmap(
         z=z_gone, colorscale=[[0, "#e6e6e6"], [1, "#e6e6e6"]], showscale=False, xgap=2, ygap=2,

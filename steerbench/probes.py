@@ -38,7 +38,9 @@ def _as_list(x) -> list:
     return list(x)
 
 
-def group_split(groups: Sequence, val_fraction: float = 0.2, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+def group_split(
+    groups: Sequence | np.ndarray | torch.Tensor, val_fraction: float = 0.2, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation row indices, split by group so that no group is on both sides.
 
     groups: one hashable group id per row (e.g. a question id).
@@ -200,6 +202,7 @@ def _fit_torch(z: torch.Tensor, y: torch.Tensor, C: float, max_iter: int, tol: f
 
     opt.step(closure)
     closure()
+    assert W.grad is not None and b.grad is not None
     worst = torch.maximum(W.grad.abs().amax(1), b.grad.abs())
     stuck = int((worst > tol).sum())
     if stuck:
@@ -274,7 +277,7 @@ def fit_probes(
     if y_np.min() == y_np.max():
         raise ValueError(f"all {N} labels are {int(y_np[0])}: a probe needs examples of both classes")
     if groups is None:
-        groups = np.arange(N)
+        groups = list(range(N))
     elif len(groups) != N:
         raise ValueError(f"got {len(groups)} group ids for {N} examples in acts")
     x = acts.detach().cpu().reshape(N, S * d)

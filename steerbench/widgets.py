@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from steerbench import geometry, plots
 
 if TYPE_CHECKING:
+    from steerbench.generation import Generation
     from steerbench.geometry import PCAProjection
     from steerbench.probes import ProbeGrid
 
@@ -287,7 +288,7 @@ class HeadGridExplorer(_App):
         self.widget = widgets.HBox([self.grid_figure, self._side])
         self.select(*ranked[0][0])
 
-    def _on_click(self, trace, points, state) -> None:
+    def _on_click(self, trace, points, state) -> None:  # noqa: ARG002 (plotly's on_click signature)
         if points.xs and points.ys:
             self.select(int(points.ys[0]), int(points.xs[0]))
 
@@ -362,7 +363,7 @@ def score_colour(value: float | None, threshold: float | None = None, lo: float 
     mid = threshold if threshold is not None and lo < threshold < hi else (lo + hi) / 2
     v = min(max(float(value), lo), hi)
     t = 0.5 * (v - lo) / (mid - lo) if v <= mid else 0.5 + 0.5 * (v - mid) / (hi - mid)
-    stops = plots._LIGHT_DIVERGING
+    stops: list[tuple[float, str]] = [(float(t), str(c)) for t, c in plots._LIGHT_DIVERGING]  # type: ignore[arg-type]
     for (t0, c0), (t1, c1) in itertools.pairwise(stops):
         if t <= t1:
             f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
@@ -542,8 +543,8 @@ class LiveTrace(_App):
         self.baseline = steer.monitor() if self.compare and hasattr(steer, "monitor") else None
         self.score_name = score_name
         self.generate_kwargs = generate_kwargs
-        self.generation = None
-        self.unsteered = None
+        self.generation: Generation | None = None
+        self.unsteered: Generation | None = None
         self.n_events = 0  # events received from the loop, both runs
         self.n_redraws = 0
         self._traces = {"steered": Trace(), "unsteered": Trace()}

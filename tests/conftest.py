@@ -13,8 +13,8 @@ def model() -> Model:
 @pytest.fixture(scope="session")
 def tiny_model(model) -> Model:
     """A second, genuinely different model: a small random Llama sharing the tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=model.tokenizer.vocab_size, hidden_size=64, intermediate_size=128,

@@ -4,7 +4,14 @@ import pytest
 
 import steerbench as sb
 from steerbench.benchmark import (
-    METHODS, HeadActivations, Method, inner_split, parse_grid, question_folds, register, run_bench,
+    METHODS,
+    HeadActivations,
+    Method,
+    inner_split,
+    parse_grid,
+    question_folds,
+    register,
+    run_bench,
 )
 
 

@@ -134,8 +134,7 @@ def test_save_load_and_bad_input(model, tiny_model, heads, tmp_path):
 
 
 def test_mc_mode_threshold_zero_is_the_unsteered_score(model, heads):
-    from steerbench.steering.fasb import mc_mode_scores
-    from steerbench.truthfulqa import mc_score
+    from steerbench.truthfulqa import mc_mode_scores, mc_score
 
     qs = sb.load_truthfulqa("misconceptions")[:3]
     got = mc_mode_scores(model, qs, FASB(heads, strength=30.0, threshold=0.0), prompt="plain")
@@ -147,8 +146,7 @@ def test_mc_mode_rescores_from_the_flag_minus_backtrack(model, heads, backtrack)
     """threshold 1 flags every answer at its first token: the score must equal plain
     scoring with ITI at that answer's strength, steered from `backtrack` tokens earlier."""
     from steerbench.evaluation import continuation_logprobs
-    from steerbench.steering.fasb import mc_mode_scores
-    from steerbench.truthfulqa import mc_items
+    from steerbench.truthfulqa import mc_items, mc_mode_scores
 
     qs = sb.load_truthfulqa("misconceptions")[:2]
     f = FASB(heads, strength=12.0, threshold=1.0, backtrack=backtrack)
@@ -172,22 +170,71 @@ def test_off_task_kl_of_fasb_is_that_of_its_heads_steering_at_half_alpha(model, 
 
 
 def test_a_shared_head_gives_the_same_generation_as_computing_the_prompt(model, heads):
-    from steerbench.generation import SharedHead
+    from steerbench.passes import SharedPrefix
     from steerbench.truthfulqa import PROMPTS
 
     prompts = [model.encode(PROMPTS["instruction+primer"].format(question=q))
                for q in ("Can pigs fly?", "What is the capital of France?")]
-    head = SharedHead.of(model, prompts, limit=min(map(len, prompts)) - 1)
+    head = SharedPrefix.of(model, prompts, limit=min(map(len, prompts)) - 1)
     assert len(head) > 100  # the instruction and primer
     p = sb.Prompt(prompts[0], steer_from=len(prompts[0]) - 1)
     f = FASB(heads, strength=8.0, threshold=1.0, backtrack=3)  # always backs off once
     for steer in (None, heads.scaled(4.0), f):
         plain = sb.generate(model, p, steer=steer, max_new_tokens=8, stop_at_eos=False)
-        shared = sb.generate(model, p, steer=steer, max_new_tokens=8, stop_at_eos=False, head=head)
+        shared = sb.generate(model, p, steer=steer, max_new_tokens=8, stop_at_eos=False, prefix=head)
         assert shared.tokens == plain.tokens
         assert [s.score for s in shared.trace.steps] == pytest.approx([s.score for s in plain.trace.steps], abs=1e-5)
-    assert len(sb.generate(model, p, steer=f, max_new_tokens=8, head=head).trace.rollbacks) == 1
+    assert len(sb.generate(model, p, steer=f, max_new_tokens=8, prefix=head).trace.rollbacks) == 1
     with pytest.raises(ValueError, match="prefix"):
-        sb.generate(model, sb.Prompt(prompts[0][5:], steer_from=10), head=head)
+        sb.generate(model, sb.Prompt(prompts[0][5:], steer_from=10), prefix=head)
     with pytest.raises(ValueError, match="steer_from"):
-        sb.generate(model, sb.Prompt(prompts[0], steer_from=3), steer=heads, head=head)
+        sb.generate(model, sb.Prompt(prompts[0], steer_from=3), steer=heads, prefix=head)
+
+
+def test_a_dynamic_steerer_handed_to_a_batched_scorer_is_refused(model, heads, tone):
+    from steerbench.evaluation import continuation_logprobs_many, letter_scores_many
+    from steerbench.passes import forward_batch
+    from steerbench.truthfulqa import mc_scores
+
+    f = FASB(heads, strength=10.0, threshold=0.6, backtrack=2)
+    qs = sb.load_truthfulqa("misconceptions")[:2]
+    before = hook_count(model)
+    with pytest.raises(ValueError, match="dynamic steerer.*when_acting"):
+        mc_scores(model, qs, [None, f], prompt="plain")
+    with pytest.raises(ValueError, match="dynamic steerer"):
+        letter_scores_many(model, tone[:2], [f])
+    p = model.prompt("Hi")
+    with pytest.raises(ValueError, match="dynamic steerer"):
+        continuation_logprobs_many(model, [p], [[5]], [f])
+    with pytest.raises(ValueError, match="dynamic steerer"):
+        forward_batch(model, [p.ids], f)
+    assert hook_count(model) == before
+    # what the message offers works: the static steering FASB applies once it acts
+    (res,) = mc_scores(model, qs, [f.when_acting()], prompt="plain")
+    assert 0 <= res.mc2 <= 1
+
+
+def test_mc_mode_at_strength_zero_rescores_nothing(model, heads):
+    from steerbench.truthfulqa import mc_mode_scores, mc_score
+
+    qs = sb.load_truthfulqa("misconceptions")[:3]
+    got = mc_mode_scores(model, qs, FASB(heads, strength=0.0, threshold=1.0), prompt="plain")
+    assert got.rescored == 0 and got.strengths == [] and all(s is None for s in got.strengths_by_answer)
+    assert got.result.mc2 == pytest.approx(mc_score(model, qs, None, prompt="plain").mc2, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), True, "3", None])
+def test_every_steerer_refuses_a_strength_that_is_not_a_finite_number(heads, caa, bad):
+    for st in (caa, heads, FASB(heads, strength=1.0)):
+        with pytest.raises(ValueError, match="strength must be a finite number"):
+            st.scaled(bad)
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        FASB(heads, strength=bad)
+    with pytest.raises(ValueError, match="strength must be a finite number"):
+        dataclasses.replace(caa, strength=bad)
+
+
+def test_a_numpy_or_tensor_strength_is_a_number(caa):
+    import numpy as np
+
+    assert caa.scaled(np.float32(4)).strength == 4.0 and caa.scaled(torch.tensor(2.5)).strength == 2.5

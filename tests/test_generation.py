@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import steerbench as sb
-from steerbench.steerer import Decision, StepContext, Steerer
+from steerbench.steerer import Decision, Steerer, StepContext
 from tests.conftest import hook_count
 
 PROMPT = "How was your weekend?"

@@ -1,10 +1,10 @@
 """The install is the lock, and a broken KV cache fails loudly."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import steerbench as sb
@@ -37,7 +37,7 @@ def test_every_dependency_has_an_upper_bound_with_a_reason():
     deps = tomllib.loads(text)["project"]["dependencies"]
     for dep in deps:
         assert "<" in dep or "==" in dep, f"{dep} has no upper bound"
-        line = next(l for l in text.splitlines() if f'"{dep}"' in l)
+        line = next(ln for ln in text.splitlines() if f'"{dep}"' in ln)
         assert re.search(r"#\s*\S", line), f"{dep}: the bound needs a one-line reason"
 
 

@@ -3,7 +3,7 @@ import torch
 
 import steerbench as sb
 from steerbench.artifacts import ArtifactMismatch
-from steerbench.generation import forward_batch
+from steerbench.passes import forward_batch
 from tests.conftest import hook_count
 
 
@@ -20,7 +20,7 @@ def probes(head_probes):
 def test_selection_ranks_heads_by_validation_accuracy(model, probes):
     iti = probes.select(k=6, alpha=10.0)
     acc = probes.grid.val_acc
-    chosen = [float(acc[l, h]) for l, h in iti.head_list()]
+    chosen = [float(acc[layer, h]) for layer, h in iti.head_list()]
     assert chosen == sorted(chosen, reverse=True)
     assert min(chosen) >= float(acc.flatten().sort(descending=True).values[5])
     assert torch.allclose(iti.directions.norm(dim=-1), torch.ones(6), atol=1e-5)
@@ -32,8 +32,8 @@ def test_selection_ranks_heads_by_validation_accuracy(model, probes):
 
 def test_sigma_is_the_std_of_the_projection(probes, head_acts):
     iti = probes.select(k=3)
-    for (l, h), u, s in zip(iti.head_list(), iti.directions, iti.sigma):
-        proj = head_acts[:, l, h].double() @ u.double()
+    for (layer, h), u, s in zip(iti.head_list(), iti.directions, iti.sigma):
+        proj = head_acts[:, layer, h].double() @ u.double()
         assert float(s) == pytest.approx(float(proj.std()), rel=1e-4)
 
 

@@ -24,7 +24,7 @@ def test_mc_metrics_on_known_log_probabilities():
 
 @pytest.mark.parametrize("prompt,n,batch_size", [("plain", 3, 16), ("instruction+primer", 2, 5)])
 def test_batched_scoring_equals_naive_one_answer_at_a_time(model, prompt, n, batch_size):
-    # the primer is computed once for all batches and shared (SharedHead); batch_size 5 splits
+    # the primer is computed once for all batches and shared (SharedPrefix); batch_size 5 splits
     # a question's answers across batches
     questions = sb.load_truthfulqa("misconceptions")[:n]
     res = mc_score(model, questions, prompt=prompt, batch_size=batch_size)

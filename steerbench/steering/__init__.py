@@ -1,8 +1,24 @@
-"""Steering methods. Each file fits one method into a :class:`Steerer`."""
+"""Steering methods. Each file fits one method into a :class:`Steerer`, built from the
+shared pieces in :mod:`steerbench.blocks` (where, when and how to steer)."""
 
-from steerbench.steerer import Decision, StepContext, StepState, Steerer
+from steerbench.blocks import (
+    FROM_INSTRUCTION,
+    GENERATED,
+    LAST_PROMPT_TOKEN,
+    Add,
+    AddGated,
+    FromState,
+    Intervention,
+    ScaleMasked,
+    Site,
+)
+from steerbench.steerer import Decision, Flagger, Steerer, StepContext, StepState
 from steerbench.steering.caa import CAA
-from steerbench.steering.iti import ITI, HeadProbes
 from steerbench.steering.fasb import FASB
+from steerbench.steering.iti import ITI, HeadProbes, HeadReadout, HeadShift
 
-__all__ = ["CAA", "FASB", "HeadProbes", "ITI", "Decision", "StepContext", "StepState", "Steerer"]
+__all__ = [
+    "CAA", "FASB", "HeadProbes", "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
+    "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "AddGated", "FromState",
+    "FROM_INSTRUCTION", "LAST_PROMPT_TOKEN", "GENERATED",
+]

@@ -1,4 +1,4 @@
-"""CAA: Contrastive Activation Addition (Rimsky et al., ACL 2024). METHODS.md section 1.
+"""CAA: Contrastive Activation Addition (Rimsky et al., ACL 2024). Notes: docs/methods.md, CAA.
 
 1. For each A/B pair, read the residual stream r[L] (``blocks.L.hook_resid_post``) for the
    chat-formatted question followed by the matching answer, and again for the
@@ -8,29 +8,26 @@
      question stem without its choice lines (what moves a small model; see README).
 2. v[L] = mean over pairs of (pos - neg).
 3. Apply r[L] += m * v[L] at every position from the end of the user instruction on:
-   the last prompt token, any answer prefix and every generated token.
+   the last prompt token, any answer prefix and every generated token. In blocks:
+   (Site.resid(L), FROM_INSTRUCTION, Add(v[L])).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from steerbench.activations import collect_resid
-from steerbench.artifacts import check_fingerprint, load_artifact, save_artifact
+from steerbench.artifacts import check_fingerprint
+from steerbench.blocks import FROM_INSTRUCTION, Add, Intervention, Site
 from steerbench.datasets import ABItem, items_hash
 from steerbench.model import Model
-from steerbench.steerer import HookFn, StepContext, Steerer
+from steerbench.steerer import Steerer, check_strength
 
 READS = ("letter", "answer")
-
-
-def resid_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def caa_inputs(model: Model, items: Sequence[ABItem], read: str, system: str | None = None):
@@ -93,8 +90,7 @@ class CAA(Steerer):
             raise ValueError(f"layer {self.layer} is out of range: vectors cover {n} layers (0-{n - 1})")
         if self.read not in READS:
             raise ValueError(f"read must be one of {READS}, got {self.read!r}")
-        if not isinstance(self.strength, (int, float)) or self.strength != self.strength:
-            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+        self.strength = check_strength(self.strength)
 
     # -- fitting ---------------------------------------------------------------------------
     @classmethod
@@ -108,7 +104,7 @@ class CAA(Steerer):
         system: str | None = None,
         batch_size: int = 16,
         dataset: str = "",
-    ) -> "CAA":
+    ) -> CAA:
         """Fit vectors for every layer from A/B items (one forward pass per text)."""
         if not items:
             raise ValueError("CAA needs at least one A/B item to fit")
@@ -126,7 +122,7 @@ class CAA(Steerer):
         )
 
     # -- variants -----------------------------------------------------------------------
-    def at(self, layer: int) -> "CAA":
+    def at(self, layer: int) -> CAA:
         """The same vectors, steering ``layer``."""
         return dataclasses.replace(self, layer=layer)
 
@@ -135,9 +131,8 @@ class CAA(Steerer):
         return self.vectors[self.layer]
 
     # -- Steerer -------------------------------------------------------------------------
-    @property
-    def sites(self) -> tuple[str, ...]:
-        return (resid_hook(self.layer),)
+    def interventions(self) -> list[Intervention]:
+        return [Intervention(Site.resid(self.layer), FROM_INSTRUCTION, Add(self.vector))]
 
     def check_model(self, model: Model) -> None:
         check_fingerprint(self.fitted_on, model, "this CAA vector")
@@ -148,51 +143,5 @@ class CAA(Steerer):
             )
         super().check_model(model)
 
-    def hooks(self, ctx: StepContext) -> list[tuple[str, HookFn]]:
-        if self.strength == 0:
-            return []  # strength 0 touches nothing: output is exactly the unsteered one
-        delta = self.strength * self.vector
-        cache: dict = {}
-
-        def add(resid: torch.Tensor, hook) -> torch.Tensor:
-            key = (resid.device, resid.dtype)
-            if key not in cache:
-                cache[key] = delta.to(device=resid.device, dtype=resid.dtype)
-            # ctx.mask: [batch, pos] columns at or after the end of the user instruction
-            return resid + ctx.mask.unsqueeze(-1).to(resid.dtype) * cache[key]
-
-        return [(resid_hook(self.layer), add)]
-
     def describe(self) -> str:
         return f"CAA(layer={self.layer}, m={self.strength:g}, read={self.read})"
-
-    # -- artifacts -----------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        header = {
-            "method": "CAA",
-            "params": {"layer": self.layer, "strength": self.strength, "read": self.read},
-            "hooks": [resid_hook(L) for L in range(self.vectors.shape[0])],
-            "positions": "from the end of the user instruction on",
-            "fitted_on": self.fitted_on,
-            "info": self.info,
-        }
-        return save_artifact(path, {"vectors": self.vectors}, header)
-
-    @classmethod
-    def load(cls, path: str | Path, model: Model | None = None) -> "CAA":
-        """Load a saved CAA; with ``model``, refuse if it was fitted on another model."""
-        tensors, header = load_artifact(path)
-        if header.get("method") != "CAA":
-            raise ValueError(f"{path} holds a {header.get('method')} artifact, not CAA")
-        params = header["params"]
-        caa = cls(
-            vectors=tensors["vectors"],
-            layer=params["layer"],
-            strength=params["strength"],
-            read=params["read"],
-            fitted_on=header.get("fitted_on", {}),
-            info=header.get("info", {}),
-        )
-        if model is not None:
-            caa.check_model(model)
-        return caa

@@ -1,7 +1,8 @@
-"""FASB: Flexible Activation Steering with Backtracking (arXiv 2508.17621). METHODS.md section 3.
+"""FASB: Flexible Activation Steering with Backtracking (arXiv 2508.17621). Notes: docs/methods.md, FASB.
 
-FASB reuses ITI's head probes and directions (``HeadProbes.select``) and decides during
-generation *whether* and *how strongly* to steer:
+FASB composes a head readout (the K heads' probes, P(true)) and a head shift (their ITI
+directions), both from ``HeadProbes.select``, and decides during generation *whether*
+and *how strongly* to steer:
 
 1. After each generated token (once at least ``backtrack`` tokens exist, and at EOS / the
    last step) it reads the K heads' ``hook_z`` at the newest position and averages their
@@ -23,19 +24,24 @@ layers' shifts still reach it), so a check is never fooled by the intervention i
 ``reading="paper"`` follows the paper's formulation instead of the reference code: the
 steering vector is the probe weight theta (raw activation space), without sigma; the
 strength is again ``alpha * mean(1 - P(true))`` when that exceeds ``1 - threshold``.
+
+Multiple choice (the reference's MC mode: score, flag at the first answer token the
+probes read as false, re-score steered from ``backtrack`` tokens earlier) is the
+scorers' generic two-pass scoring, fed by :meth:`FASB.flagger`
+(``steerbench.truthfulqa.mc_mode_scores``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
+
 import torch
 
-from steerbench.artifacts import load_artifact, save_artifact
+from steerbench.blocks import FromState, Intervention
 from steerbench.model import Model
-from steerbench.steerer import Decision, HookFn, StepContext, StepState, Steerer
-from steerbench.steering.iti import ITI, z_hook, z_hooks
+from steerbench.steerer import Decision, Flagger, HookFn, Steerer, StepContext, StepState, check_strength
+from steerbench.steering.iti import ITI, HeadReadout, HeadShift
 
 READINGS = ("reference", "paper")
 
@@ -64,26 +70,26 @@ class FASB(Steerer):
             raise ValueError(f"backtrack must be a non-negative int, got {self.backtrack!r}")
         if self.reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
-        if not isinstance(self.strength, (int, float)) or self.strength != self.strength:
-            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
-        # the vector added at strength 1 per head: sigma * u (reference) or theta (paper)
+        self.strength = check_strength(self.strength)
+        # the two halves: what reads P(true), and what is added per head at strength 1:
+        # sigma * u (reference) or theta, the raw-space probe weight (paper)
+        self.readout: HeadReadout = self.heads.readout
         if self.reading == "reference":
-            self._shift_heads = self.heads
+            self.shift: HeadShift = self.heads
         else:
-            theta = self.heads.probe_weight / self.heads.probe_std  # raw-space probe weight [K, d_head]
-            self._shift_heads = dataclasses.replace(
-                self.heads, directions=theta.float(), sigma=torch.ones(self.heads.k), strength=1.0
-            )
+            theta = self.readout.weight / self.readout.std  # raw-space probe weight [K, d_head]
+            self.shift = HeadShift(self.heads.heads, theta.float(), torch.ones(self.heads.k), strength=1.0,
+                                   fitted_on=self.heads.fitted_on)
 
     @classmethod
-    def from_probes(cls, probes, k: int = 24, **kwargs) -> "FASB":
+    def from_probes(cls, probes, k: int = 24, **kwargs) -> FASB:
         """FASB on the top ``k`` heads of fitted :class:`HeadProbes` (reference run: K = 24)."""
         return cls(probes.select(k, direction=kwargs.pop("direction", "mass_mean")), **kwargs)
 
     # -- probes ----------------------------------------------------------------------------
     def p_true(self, z: torch.Tensor) -> torch.Tensor:
         """Mean P(true) over the K probes for head activations [..., K, d_head]."""
-        return self.heads.probe_proba(z).mean(-1)
+        return self.readout.p_true(z)
 
     def plan(self, p_true: float) -> float | None:
         """The strength to steer at for an observed ``p_true``, or None for no intervention."""
@@ -92,60 +98,32 @@ class FASB(Steerer):
         return None
 
     # -- Steerer ---------------------------------------------------------------------------
-    @property
-    def sites(self) -> tuple[str, ...]:
-        return self.heads.sites
+    def interventions(self) -> list[Intervention]:
+        # the shift's heads, from the position FASB backed off to (none until it acts)
+        return self.shift.interventions(FromState("fasb_from", self.newest_only))
+
+    def initial_strength(self) -> float:
+        return 0.0  # nothing is steered until the probes flag the text
 
     def check_model(self, model: Model) -> None:
         self.heads.check_model(model)
 
-    def current_strength(self, ctx: StepContext) -> float:
-        return float(ctx.state.get("fasb_strength", 0.0))
-
-    def scaled(self, strength: float) -> "FASB":
-        if not isinstance(strength, (int, float)) or strength != strength:
-            raise ValueError(f"strength must be a finite number, got {strength!r}")
-        return dataclasses.replace(self, strength=float(strength))
-
-    def when_acting(self) -> ITI:
+    def when_acting(self) -> Steerer:
         """ITI on the same heads at the strength FASB chooses when its probes read chance
         (P(true) = 0.5, i.e. ``alpha / 2``): what an intervention typically costs off-task.
         It steers harder when the probes are surer the answer is false, up to ``alpha``."""
-        return dataclasses.replace(self._shift_heads, strength=self.strength * 0.5)
+        return self.shift.scaled(self.strength * 0.5)
 
-    def monitor(self) -> "FASB":
+    def monitor(self) -> FASB:
         """The same probes with threshold 0: reads P(true) at every token, never intervenes."""
         return dataclasses.replace(self, threshold=0.0)
 
     def hooks(self, ctx: StepContext) -> list[tuple[str, HookFn]]:
         state = ctx.state
-        state.setdefault("fasb_strength", 0.0)
         state.setdefault("fasb_from", None)  # first steered absolute position
         state["fasb_z"] = {}
-        by_layer: dict[int, list[tuple[int, int]]] = {}
-        for k, (layer, head) in enumerate(self.heads.head_list()):
-            by_layer.setdefault(layer, []).append((k, head))
-        d_head = self.heads.d_head
-
-        def capture(layer: int) -> HookFn:
-            def read(z: torch.Tensor, hook) -> None:
-                newest = z[0, -1]
-                newest = newest.reshape(-1, d_head) if z.ndim == 3 else newest
-                for k, head in by_layer[layer]:
-                    state["fasb_z"][k] = newest[head].detach()
-
-            return read
-
-        def where(c: StepContext) -> torch.Tensor:
-            start = c.state["fasb_from"]
-            m = c.positions >= (start if start is not None else 1 << 62)
-            if self.newest_only:
-                m = m & (torch.arange(m.shape[1], device=m.device) == m.shape[1] - 1)
-            return m
-
-        steer = z_hooks(self._shift_heads, ctx, lambda: state["fasb_strength"], where)
-        # capture first, so the probes read each head's output before its own shift
-        return [(z_hook(L), capture(L)) for L in by_layer] + steer
+        # the readout first, so the probes read each head's output before its own shift
+        return self.readout.read_newest(state["fasb_z"]) + super().hooks(ctx)
 
     def observe(self, step: StepState) -> Decision | None:
         state = step.ctx.state
@@ -173,153 +151,29 @@ class FASB(Steerer):
             return Decision(score=p)
         state["fasb_checks"] = state.get("fasb_checks", 0) + 1
         k = min(self.backtrack, step.n_generated)
-        state["fasb_strength"] = s
         # the last kept token (position - k) is fed again, steered, to predict the first regenerated one
         state["fasb_from"] = step.position - k
         state["fasb_seen"] = step.position - k  # the regenerated tokens are judged afresh
         return Decision(score=p, strength=s, rollback=k,
                         note=f"P(true)={judged:.2f} < {self.threshold:g}: back {k}, steer at {s:.3g}")
 
+    # -- multiple choice ---------------------------------------------------------------------
+    def flagger(self) -> Flagger:
+        """FASB's MC mode for the two-pass scorers: read the K heads at every answer token of
+        the unsteered pass; flag the first whose mean P(true) is below the threshold, at
+        strength ``alpha * (1 - p_true)``; re-score with the shift from ``backtrack`` earlier."""
+        def flag(store: dict, lengths: list[int]) -> list[tuple[int, float] | None]:
+            p = self.p_true(self.readout.gather(store))  # [B, W]; column j + 1 holds answer token j
+            out: list[tuple[int, float] | None] = []
+            for r, n in enumerate(lengths):
+                low = (p[r, 1 : n + 1] < self.threshold).nonzero()
+                s = self.plan(float(p[r, int(low[0]) + 1])) if len(low) else None
+                out.append(None if s is None else (int(low[0]), s))  # strength 0: never acts
+            return out
+
+        return Flagger(read_hooks=self.readout.read_all, flag=flag, rescore=self.shift, backtrack=self.backtrack)
+
     def describe(self) -> str:
         extra = (", repeat" if self.repeat else "") + (", paper" if self.reading == "paper" else "")
         return (f"FASB(K={self.heads.k}, alpha={self.strength:g}, threshold={self.threshold:g}, "
                 f"backtrack={self.backtrack}{extra})")
-
-    # -- artifacts -------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Saved as its ITI heads with FASB's parameters in the header."""
-        tensors = self.heads.tensors()
-        header = {
-            "method": "FASB",
-            "params": {"strength": self.strength, "threshold": self.threshold, "backtrack": self.backtrack,
-                       "repeat": self.repeat, "reading": self.reading, "newest_only": self.newest_only,
-                       "direction": self.heads.direction},
-            "hooks": list(self.sites),
-            "fitted_on": self.heads.fitted_on,
-            "info": {**self.heads.info, **self.info},
-        }
-        return save_artifact(path, tensors, header)
-
-    @classmethod
-    def load(cls, path: str | Path, model: Model | None = None) -> "FASB":
-        tensors, header = load_artifact(path)
-        if header.get("method") != "FASB":
-            raise ValueError(f"{path} holds a {header.get('method')} artifact, not FASB")
-        p = header["params"]
-        f = cls(ITI.from_tensors(tensors, header), strength=p["strength"], threshold=p["threshold"], backtrack=p["backtrack"],
-                repeat=p["repeat"], reading=p["reading"], newest_only=p["newest_only"])
-        if model is not None:
-            f.check_model(model)
-        return f
-
-
-# -------------------------------------------------------------------------------------
-# MC mode (reference): steer an answer only from where the probes flag it
-
-
-@dataclass
-class _RowStrengths(Steerer):
-    """Static steering on FASB's heads with one strength per batch row (MC mode's second pass)."""
-
-    shift: ITI
-    rows: torch.Tensor  # [batch]
-    strength: float = 1.0
-
-    @property
-    def sites(self) -> tuple[str, ...]:
-        return self.shift.sites
-
-    def hooks(self, ctx: StepContext) -> list[tuple[str, HookFn]]:
-        return z_hooks(self.shift, ctx, lambda: self.rows)
-
-
-@dataclass
-class MCModeResult:
-    """MC scores under FASB's MC mode, and how often and how strongly it intervened."""
-
-    result: "MCResult"  # noqa: F821
-    logprobs: list[float]  # every answer's score, in mc_items order
-    rescored: float  # share of answers re-scored with steering
-    strengths: list[float]  # strength of each re-scored answer
-    strengths_by_answer: list[float | None]  # in mc_items order; None where not re-scored
-    first_flag: list[int]  # answer-token index that triggered it
-
-
-def mc_mode_scores(model: Model, questions, fasb: FASB, prompt: str = "instruction+primer",
-                   batch_size: int = 16) -> MCModeResult:
-    """TruthfulQA MC scores the way FASB's reference scores multiple choice.
-
-    Each answer is scored unsteered while the K heads are read at every answer token; at
-    the first answer token whose mean P(true) is below the threshold, the answer is scored
-    again with ``alpha * (1 - p_true)`` steering from ``backtrack`` tokens earlier (not
-    before the last prompt token). Answers never flagged keep their unsteered score. This
-    partly re-ranks answers by the probes' verdict, so it is reported apart from uniform
-    steering.
-    """
-    from steerbench.generation import SharedHead, steered_suffixes
-    from steerbench.truthfulqa import mc_items, mc_result
-
-    fasb.check_model(model)
-    prompts, conts = mc_items(model, questions, prompt)
-    seqs = [list(p.ids) + list(c) for p, c in zip(prompts, conts)]
-    split = [len(p.ids) - 1 for p in prompts]
-    head = SharedHead.of(model, [p.ids for p in prompts], limit=min(split) - 1)
-    scores = torch.empty(len(seqs), dtype=torch.float64)
-    strengths, flags = [], []
-    by_answer: list[float | None] = [None] * len(seqs)
-    heads = fasb.heads.head_list()
-    layers = sorted({l for l, _ in heads})
-    d_head = fasb.heads.d_head
-
-    def logprob(logits: torch.Tensor, rows: list[int]) -> list[float]:
-        out = []
-        for r, i in enumerate(rows):
-            n = len(conts[i])
-            lp = torch.log_softmax(logits[r, :n].float(), -1)  # column j predicts answer token j
-            out.append(float(lp.gather(-1, torch.as_tensor(conts[i])[:, None]).sum()))
-        return out
-
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for at in range(0, len(order), batch_size):
-        idx = order[at : at + batch_size]
-        z: dict[int, torch.Tensor] = {}
-
-        def capture(layer):
-            def read(act, hook):
-                a = act.detach()
-                z[layer] = (a.reshape(*a.shape[:2], -1, d_head) if a.ndim == 3 else a).cpu()
-            return read
-
-        hooks = [(z_hook(L), capture(L)) for L in layers]
-        sub = [seqs[i] for i in idx]
-        sp = [split[i] for i in idx]
-        (_, logits), = steered_suffixes(model, sub, sp, sp, [None], head, extra_hooks=hooks)
-        base = logprob(logits, idx)
-        # z of the K heads at every column: [B, W, K, d_head]; column j + 1 holds answer token j
-        zk = torch.stack([z[l][:, :, h] for l, h in heads], dim=2)
-        p = fasb.p_true(zk)  # [B, W]
-        again, rows_s, steer_from = [], [], []
-        for r, i in enumerate(idx):
-            scores[i] = base[r]
-            n = len(conts[i])
-            low = (p[r, 1 : n + 1] < fasb.threshold).nonzero()
-            if len(low) == 0:
-                continue
-            j = int(low[0])
-            s = fasb.plan(float(p[r, j + 1]))
-            pos = len(prompts[i].ids) + j  # absolute position of the flagged answer token
-            again.append(i)
-            rows_s.append(s)
-            steer_from.append(max(pos - fasb.backtrack, split[i]))
-            strengths.append(s)
-            by_answer[i] = s
-            flags.append(j)
-        if again and fasb.strength != 0:
-            steer = _RowStrengths(fasb._shift_heads, torch.tensor(rows_s))
-            (_, logits), = steered_suffixes(model, [seqs[i] for i in again], [split[i] for i in again],
-                                            steer_from, [steer], head)
-            for i, v in zip(again, logprob(logits, again)):
-                scores[i] = v
-    res = mc_result(questions, scores.tolist(), prompt)
-    res.info = {"mc_rescored": len(strengths) / len(seqs), "mc_strengths": strengths, "mc_first_flag": flags}
-    return MCModeResult(res, scores.tolist(), len(strengths) / len(seqs), strengths, by_answer, flags)

@@ -1,4 +1,4 @@
-"""ITI: Inference-Time Intervention (Li et al., NeurIPS 2023). METHODS.md section 2.
+"""ITI: Inference-Time Intervention (Li et al., NeurIPS 2023). Notes: docs/methods.md, ITI.
 
 1. Read every attention head's output before W_O (``blocks.L.attn.hook_z``) at the last
    token of ``"Q: {question} A: {answer}"`` for each true and false answer of the
@@ -10,34 +10,32 @@
 4. Apply ``z[L, h] += alpha * sigma * u`` on the K heads at every steered position (from the
    last prompt token on: every generated token, and every answer token in MC scoring).
 
-:class:`HeadProbes` is the fitted ranking of all heads (what K and the direction are
-chosen from without collecting again); :class:`ITI` is the Steerer on K of them. FASB
-reuses both: it needs the selected heads' probes as well as their directions.
+Heads come in two pieces that other methods compose: a :class:`HeadShift` (the Steerer:
+K heads, a direction and a scale per head, added from the end of the instruction on) and
+a :class:`HeadReadout` (the K heads' probes, giving P(true)). :class:`HeadProbes` is the
+fitted ranking of all heads (what K and the direction are chosen from without collecting
+again); :class:`ITI` is the head shift on K of them with sigma as the scale, carrying the
+same heads' probes so FASB can read P(true) where ITI steers (``ITI.readout``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from steerbench.activations import collect_heads
-from steerbench.artifacts import check_fingerprint, load_artifact, save_artifact
+from steerbench.artifacts import check_fingerprint
+from steerbench.blocks import FROM_INSTRUCTION, Add, Intervention, Rule, Site, head_view, z_hook
 from steerbench.datasets import MCQuestion, qa_examples
 from steerbench.model import Model
 from steerbench.probes import ProbeGrid, fit_probes
-from steerbench.steerer import HookFn, StepContext, Steerer
+from steerbench.steerer import HookFn, Steerer, check_strength
 
 TEMPLATE = "Q: {question} A: {answer}"
 DIRECTIONS = ("mass_mean", "probe")
 PROBE_FIELDS = ("probe_weight", "probe_bias", "probe_mean", "probe_std", "val_acc")
-
-
-def z_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
 
 
 def questions_hash(questions: Sequence[MCQuestion]) -> str:
@@ -72,7 +70,7 @@ class HeadProbes:
         batch_size: int = 16,
         acts: torch.Tensor | None = None,
         progress: bool | None = None,
-    ) -> "HeadProbes":
+    ) -> HeadProbes:
         """Collect head activations (or take ``acts`` [N, L, H, d_head] in ``qa_examples``
         order of ``questions`` then ``val_questions``) and fit one probe per head.
 
@@ -117,16 +115,16 @@ class HeadProbes:
 
     def ranking(self) -> list[tuple[int, int]]:
         """All heads, best validation accuracy first."""
-        return [site for site, _ in self.grid.top(self.grid.n_sites)]
+        return [(int(site[0]), int(site[1])) for site, _ in self.grid.top(self.grid.n_sites)]
 
-    def select(self, k: int, alpha: float = 15.0, direction: str = "mass_mean") -> "ITI":
+    def select(self, k: int, alpha: float = 15.0, direction: str = "mass_mean") -> ITI:
         """ITI on the top ``k`` heads by validation accuracy, at strength ``alpha``."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         if not 1 <= k <= self.grid.n_sites:
             raise ValueError(f"k must be between 1 and {self.grid.n_sites} heads, got {k}")
         heads = self.ranking()[:k]
-        L = torch.tensor([l for l, _ in heads])
+        L = torch.tensor([layer for layer, _ in heads])
         H = torch.tensor([h for _, h in heads])
         g = self.grid
         dirs = (g.mass_mean if direction == "mass_mean" else g.directions)[L, H].float()
@@ -147,46 +145,108 @@ class HeadProbes:
         )
 
 
-@dataclass
-class ITI(Steerer):
-    """``z[L, h] += strength * sigma * u`` on K attention heads, from ``steer_from`` on.
+def _heads_tensor(heads) -> torch.Tensor:
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    if heads.ndim != 2 or heads.shape[1] != 2 or len(heads) == 0:
+        raise ValueError(f"heads must be [K, 2] (layer, head) pairs with K >= 1, got shape {tuple(heads.shape)}")
+    if len({tuple(h) for h in heads.tolist()}) != len(heads):
+        raise ValueError("heads contains a (layer, head) pair twice")
+    return heads
 
-    Also keeps the K heads' probes (standardized weights, bias, training mean and std), so
-    that dynamic methods (FASB) can read P(true) from the same heads.
+
+def _by_layer(heads: torch.Tensor) -> dict[int, list[tuple[int, int]]]:
+    """``{layer: [(k, head), ...]}``: each selected head's index k among the K, by layer."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for k, (layer, head) in enumerate(heads.tolist()):
+        out.setdefault(int(layer), []).append((k, int(head)))
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class HeadReadout:
+    """P(true) from the probes of K heads: a logistic probe per head on its standardized
+    output before W_O (``hook_z``), averaged over the K heads by dynamic methods."""
+
+    heads: torch.Tensor  # [K, 2] int: (layer, head)
+    weight: torch.Tensor  # [K, d_head] float64, on standardized features
+    bias: torch.Tensor  # [K]
+    mean: torch.Tensor  # [K, d_head]: the probes' training mean
+    std: torch.Tensor  # [K, d_head]: and standard deviation
+
+    def __post_init__(self) -> None:
+        self.heads = _heads_tensor(self.heads)
+
+    @property
+    def k(self) -> int:
+        return len(self.heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(self.weight.shape[-1])
+
+    def proba(self, z: torch.Tensor) -> torch.Tensor:
+        """P(true) under each head's probe: [..., K] for head activations [..., K, d_head]."""
+        x = (z.detach().to("cpu", torch.float64) - self.mean) / self.std
+        return torch.sigmoid((x * self.weight).sum(-1) + self.bias)
+
+    def p_true(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean P(true) over the K probes for head activations [..., K, d_head]."""
+        return self.proba(z).mean(-1)
+
+    def read_newest(self, store: dict) -> list[tuple[str, HookFn]]:
+        """Hooks that put each head's output at the pass's newest column (row 0) in
+        ``store[k]`` ([d_head]); installed before a steerer's own hooks at the same site,
+        they read the heads before the shift is added."""
+        def make(pairs: list[tuple[int, int]]) -> HookFn:
+            def read(z: torch.Tensor, hook) -> None:
+                newest = head_view(z, self.d_head)[0, -1]
+                for k, head in pairs:
+                    store[k] = newest[head].detach()
+            return read
+
+        return [(z_hook(L), make(pairs)) for L, pairs in _by_layer(self.heads).items()]
+
+    def read_all(self, store: dict) -> list[tuple[str, HookFn]]:
+        """Hooks that keep every column of the K heads' layers in ``store[layer]``
+        ([batch, pos, n_heads, d_head], on the CPU); ``gather(store)`` picks the K heads."""
+        def make(layer: int) -> HookFn:
+            def read(z: torch.Tensor, hook) -> None:
+                store[layer] = head_view(z.detach(), self.d_head).cpu()
+            return read
+
+        return [(z_hook(L), make(L)) for L in _by_layer(self.heads)]
+
+    def gather(self, store: dict) -> torch.Tensor:
+        """[batch, pos, K, d_head] from what ``read_all`` stored."""
+        return torch.stack([store[int(layer)][:, :, int(h)] for layer, h in self.heads.tolist()], dim=2)
+
+
+@dataclass
+class HeadShift(Steerer):
+    """``z[L, h] += strength * scale_h * u_h`` on K attention heads, from ``steer_from`` on.
+
+    The steering half of ITI, FASB and REAL: K heads, a unit direction and a scale per head
+    (ITI: sigma, the std of the activations along u; REAL: sigma times a relevance weight).
     """
 
     heads: torch.Tensor  # [K, 2] int: (layer, head), best first
     directions: torch.Tensor  # [K, d_head]: unit vectors pointing to "true"
-    sigma: torch.Tensor  # [K]
+    sigma: torch.Tensor  # [K]: the scale of each head's shift
     strength: float = 15.0  # alpha
-    direction: str = "mass_mean"
-    probe_weight: torch.Tensor | None = None  # [K, d_head] float64, on standardized features
-    probe_bias: torch.Tensor | None = None  # [K]
-    probe_mean: torch.Tensor | None = None  # [K, d_head]
-    probe_std: torch.Tensor | None = None  # [K, d_head]
-    val_acc: torch.Tensor | None = None  # [K]
     fitted_on: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.heads = torch.as_tensor(self.heads, dtype=torch.long)
-        if self.heads.ndim != 2 or self.heads.shape[1] != 2 or len(self.heads) == 0:
-            raise ValueError(f"heads must be [K, 2] (layer, head) pairs with K >= 1, got shape {tuple(self.heads.shape)}")
+        self.heads = _heads_tensor(self.heads)
         K = len(self.heads)
-        if len({tuple(h) for h in self.heads.tolist()}) != K:
-            raise ValueError("heads contains a (layer, head) pair twice")
         if self.directions.ndim != 2 or self.directions.shape[0] != K:
             raise ValueError(f"directions must be [K={K}, d_head], got shape {tuple(self.directions.shape)}")
         if tuple(self.sigma.shape) != (K,):
             raise ValueError(f"sigma must have shape [{K}], got {tuple(self.sigma.shape)}")
-        for name in ("directions", "sigma", "probe_weight", "probe_bias", "probe_mean", "probe_std"):
-            t = getattr(self, name)
-            if t is not None and not torch.isfinite(t).all():
-                raise ValueError(f"ITI {name} contain NaN or inf; refit from clean data")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
-        if not isinstance(self.strength, (int, float)) or self.strength != self.strength:
-            raise ValueError(f"strength must be a finite number, got {self.strength!r}")
+        for name in ("directions", "sigma"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"{type(self).__name__} {name} contain NaN or inf; refit from clean data")
+        self.strength = check_strength(self.strength)
 
     @property
     def k(self) -> int:
@@ -200,117 +260,83 @@ class ITI(Steerer):
     def layers(self) -> list[int]:
         return sorted(set(self.heads[:, 0].tolist()))
 
-    @property
-    def has_probes(self) -> bool:
-        return self.probe_weight is not None
-
     def head_list(self) -> list[tuple[int, int]]:
-        return [(int(l), int(h)) for l, h in self.heads.tolist()]
+        return [(int(layer), int(h)) for layer, h in self.heads.tolist()]
 
-    # -- probes (for dynamic methods) ------------------------------------------------------
-    def probe_proba(self, z: torch.Tensor) -> torch.Tensor:
-        """P(true) under each selected head's probe: [..., K] for head activations [..., K, d_head]."""
-        if not self.has_probes:
-            raise ValueError("this ITI carries no probes (it was built from directions alone)")
-        x = (z.detach().to("cpu", torch.float64) - self.probe_mean) / self.probe_std
-        return torch.sigmoid((x * self.probe_weight).sum(-1) + self.probe_bias)
+    def shift(self) -> torch.Tensor:
+        """[K, d_head]: what is added to each head at strength 1 (scale * u)."""
+        return self.sigma[:, None] * self.directions
+
+    def layer_deltas(self, n_heads: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
+        """``{layer: [n_heads, d_head]}``: what is added to ``hook_z`` of each touched layer."""
+        out: dict[int, torch.Tensor] = {}
+        for (layer, h), v in zip(self.head_list(), scale * self.shift()):
+            out.setdefault(layer, torch.zeros(n_heads, self.d_head))[h] += v
+        return out
 
     # -- Steerer ---------------------------------------------------------------------------
-    @property
-    def sites(self) -> tuple[str, ...]:
-        return tuple(z_hook(L) for L in self.layers)
+    def interventions(self, rule: Rule = FROM_INSTRUCTION) -> list[Intervention]:
+        """One Add per touched layer on its heads' view of ``hook_z``, at the columns ``rule`` names."""
+        shift = self.shift()
+        return [
+            Intervention(Site.heads(L, self.d_head), rule,
+                         Add(shift[[k for k, _ in pairs]], heads=tuple(h for _, h in pairs)))
+            for L, pairs in _by_layer(self.heads).items()
+        ]
 
     def check_model(self, model: Model) -> None:
-        check_fingerprint(self.fitted_on, model, "this ITI intervention")
-        bad = [(l, h) for l, h in self.head_list() if not (0 <= l < model.n_layers and 0 <= h < model.n_heads)]
+        check_fingerprint(self.fitted_on, model, f"this {type(self).__name__} intervention")
+        bad = [(layer, h) for layer, h in self.head_list()
+               if not (0 <= layer < model.n_layers and 0 <= h < model.n_heads)]
         if bad:
             raise ValueError(f"heads {bad} do not exist in a model with {model.n_layers} layers x {model.n_heads} heads")
         if self.d_head != model.d_head:
             raise ValueError(f"directions have d_head={self.d_head} but the model's heads have {model.d_head}")
         super().check_model(model)
 
-    def layer_deltas(self, n_heads: int, scale: float = 1.0) -> dict[int, torch.Tensor]:
-        """``{layer: [n_heads, d_head]}``: what is added to ``hook_z`` of each touched layer."""
-        out: dict[int, torch.Tensor] = {}
-        shift = scale * self.sigma[:, None] * self.directions  # [K, d_head]
-        for (l, h), v in zip(self.head_list(), shift):
-            out.setdefault(l, torch.zeros(n_heads, self.d_head))[h] += v
-        return out
+    def describe(self) -> str:
+        return f"{type(self).__name__}(K={self.k}, alpha={self.strength:g})"
 
-    def hooks(self, ctx: StepContext) -> list[tuple[str, HookFn]]:
-        if self.strength == 0:
-            return []  # strength 0 touches nothing: output is exactly the unsteered one
-        return z_hooks(self, ctx, lambda: self.strength)
+
+@dataclass
+class ITI(HeadShift):
+    """ITI: a :class:`HeadShift` on the top K heads with sigma as each head's scale.
+
+    Also keeps the K heads' probes (standardized weights, bias, training mean and std), so
+    that dynamic methods (FASB) can read P(true) from the same heads (``readout``).
+    """
+
+    direction: str = "mass_mean"
+    probe_weight: torch.Tensor | None = None  # [K, d_head] float64, on standardized features
+    probe_bias: torch.Tensor | None = None  # [K]
+    probe_mean: torch.Tensor | None = None  # [K, d_head]
+    probe_std: torch.Tensor | None = None  # [K, d_head]
+    val_acc: torch.Tensor | None = None  # [K]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in PROBE_FIELDS[:-1]:
+            t = getattr(self, name)
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"ITI {name} contain NaN or inf; refit from clean data")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+
+    @property
+    def has_probes(self) -> bool:
+        return self.probe_weight is not None
+
+    @property
+    def readout(self) -> HeadReadout:
+        """The K heads' probes as a :class:`HeadReadout`."""
+        w, b, mean, std = self.probe_weight, self.probe_bias, self.probe_mean, self.probe_std
+        if w is None or b is None or mean is None or std is None:
+            raise ValueError("this ITI carries no probes (it was built from directions alone)")
+        return HeadReadout(self.heads, w, b, mean, std)
+
+    def probe_proba(self, z: torch.Tensor) -> torch.Tensor:
+        """P(true) under each selected head's probe: [..., K] for head activations [..., K, d_head]."""
+        return self.readout.proba(z)
 
     def describe(self) -> str:
         return f"ITI(K={self.k}, alpha={self.strength:g}, {self.direction})"
-
-    # -- artifacts -------------------------------------------------------------------------
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """What an artifact stores: heads, directions, sigma and the probes where present."""
-        out = {"heads": self.heads, "directions": self.directions, "sigma": self.sigma}
-        out.update({k: getattr(self, k) for k in PROBE_FIELDS if getattr(self, k) is not None})
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], header: dict, strength: float = 15.0) -> "ITI":
-        """Rebuild from ``tensors()`` and an artifact header (its params' direction, provenance)."""
-        return cls(
-            heads=tensors["heads"], directions=tensors["directions"], sigma=tensors["sigma"], strength=strength,
-            direction=header["params"]["direction"], **{k: tensors.get(k) for k in PROBE_FIELDS},
-            fitted_on=header.get("fitted_on", {}), info=header.get("info", {}),
-        )
-
-    def save(self, path: str | Path) -> Path:
-        tensors = self.tensors()
-        header = {
-            "method": "ITI",
-            "params": {"strength": self.strength, "direction": self.direction, "k": self.k},
-            "hooks": list(self.sites),
-            "positions": "from the last prompt token on",
-            "fitted_on": self.fitted_on,
-            "info": self.info,
-        }
-        return save_artifact(path, tensors, header)
-
-    @classmethod
-    def load(cls, path: str | Path, model: Model | None = None) -> "ITI":
-        """Load a saved ITI; with ``model``, refuse if it was fitted on another model."""
-        tensors, header = load_artifact(path)
-        if header.get("method") != "ITI":
-            raise ValueError(f"{path} holds a {header.get('method')} artifact, not ITI")
-        iti = cls.from_tensors(tensors, header, strength=header["params"]["strength"])
-        if model is not None:
-            iti.check_model(model)
-        return iti
-
-
-def z_hooks(heads: ITI, ctx: StepContext, strength, where=None) -> list[tuple[str, HookFn]]:
-    """Hooks adding ``strength() * sigma * u`` to the selected heads' ``hook_z``.
-
-    ``strength`` is called at every pass (dynamic methods change it during a generation);
-    ``where(ctx)`` gives the boolean [batch, pos] mask of steered columns (default
-    ``ctx.mask``: every column at or after ``steer_from``).
-    """
-    cache: dict = {}
-
-    def make(layer: int) -> HookFn:
-        def add(z: torch.Tensor, hook) -> torch.Tensor:
-            s = strength()  # a number, or a tensor [batch] of per-row strengths
-            if isinstance(s, torch.Tensor):
-                s = s.to(device=z.device, dtype=z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
-            elif s == 0:
-                return z
-            flat = z.ndim == 3  # [B, T, H * d_head] where the bridge does not split heads
-            n_heads = z.shape[-1] // heads.d_head if flat else z.shape[-2]
-            key = (layer, z.device, z.dtype, n_heads)
-            if key not in cache:
-                cache[key] = heads.layer_deltas(n_heads)[layer].to(device=z.device, dtype=z.dtype)
-            delta = cache[key].reshape(-1) if flat else cache[key]
-            m = (ctx.mask if where is None else where(ctx)).to(z.dtype)
-            m = m[:, :, None] if flat else m[:, :, None, None]
-            return z + (s * m) * delta
-
-        return add
-
-    return [(z_hook(L), make(L)) for L in heads.layers]

@@ -1,0 +1,288 @@
+"""Steering building blocks: *where* (a site), *when* (a rule) and *how* (an operator).
+
+A static Steerer is a list of :class:`Intervention` triples; ``Steerer.hooks`` turns them
+into hook functions, ``Steerer.sites`` is derived from them, and the trace's per-token
+"steered" flag comes from their rules. What the methods differ in is small:
+
+- **where**: :class:`Site`, a hook name; for ``hook_z`` the operator sees the head view
+  ``[batch, pos, n_heads, d_head]`` whatever layout the bridge hands the hook;
+- **when**: a :class:`Rule` gives the boolean ``[batch, pos]`` mask of the columns to
+  steer in the pass now running, from absolute positions (so it holds under a KV cache);
+- **how**: an :class:`Operator` maps the activation, the mask and the strength in force to
+  the new activation. Every operator is the identity at strength 0.
+
+The strength is read from the live :class:`~steerbench.context.StepContext` at every
+pass (``ctx.strength``: a number, or one per batch row), so a dynamic steerer changes it
+through ``Decision.strength`` and the trace records the strength actually applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from steerbench.context import HookFn, StepContext
+
+# -------------------------------------------------------------------------------------
+# where
+
+
+@dataclass(frozen=True)
+class Site:
+    """A hook point. ``d_head`` set means a head site: operators see ``[B, T, n_heads, d_head]``."""
+
+    hook: str
+    d_head: int | None = None
+
+    @classmethod
+    def resid(cls, layer: int) -> Site:
+        """The residual stream after block ``layer``."""
+        return cls(f"blocks.{layer}.hook_resid_post")
+
+    @classmethod
+    def heads(cls, layer: int, d_head: int) -> Site:
+        """Every attention head's output before W_O in ``layer`` (``hook_z``), as heads."""
+        return cls(f"blocks.{layer}.attn.hook_z", d_head)
+
+    @classmethod
+    def mlp_post(cls, layer: int) -> Site:
+        """The MLP's hidden activation (after the activation function) in ``layer``."""
+        return cls(f"blocks.{layer}.mlp.hook_post")
+
+    @classmethod
+    def mlp_out(cls, layer: int) -> Site:
+        """The MLP's output in ``layer``."""
+        return cls(f"blocks.{layer}.hook_mlp_out")
+
+    def view(self, act: torch.Tensor) -> torch.Tensor:
+        return head_view(act, self.d_head) if self.d_head is not None else act
+
+
+def head_view(act: torch.Tensor, d_head: int) -> torch.Tensor:
+    """``hook_z`` as ``[batch, pos, n_heads, d_head]``: the bridge hands some models' heads
+    split and others' flat (``[batch, pos, n_heads * d_head]``); this is the one place that
+    knows. The result is a view: writing through it writes the activation."""
+    return act.reshape(*act.shape[:2], -1, d_head) if act.ndim == 3 else act
+
+
+def z_hook(layer: int) -> str:
+    return Site.heads(layer, 1).hook
+
+
+def resid_hook(layer: int) -> str:
+    return Site.resid(layer).hook
+
+
+# -------------------------------------------------------------------------------------
+# when
+
+
+class Rule:
+    """Which columns of the running pass to steer: ``mask(ctx)`` is boolean ``[batch, pos]``."""
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True)
+class FromInstruction(Rule):
+    """Every position from ``steer_from`` on: the end of the user instruction, any answer
+    prefix and every generated token (CAA, ITI)."""
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        return ctx.mask
+
+    def describe(self) -> str:
+        return "from the end of the user instruction on"
+
+
+@dataclass(frozen=True)
+class LastPromptToken(Rule):
+    """Only the position ``steer_from``: the last token of the prompt (of the user
+    instruction, when an answer prefix follows). Under a KV cache its steered keys and
+    values reach every later token (SADI)."""
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        pos = _positions(ctx)
+        return pos == ctx.steer_from.to(pos.device)[:, None]
+
+    def describe(self) -> str:
+        return "the last prompt token only"
+
+
+@dataclass(frozen=True)
+class Generated(Rule):
+    """Only the columns of generated tokens (and, in scoring, of the continuation):
+    positions from ``ctx.gen_from`` on (default ``steer_from + 1``)."""
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        pos = _positions(ctx)
+        start = ctx.gen_from if ctx.gen_from is not None else ctx.steer_from + 1
+        return pos >= start.to(pos.device)[:, None]
+
+    def describe(self) -> str:
+        return "generated tokens only"
+
+
+@dataclass(frozen=True)
+class FromState(Rule):
+    """Positions from ``ctx.state[key]`` on, nowhere while it is None (a dynamic steerer
+    sets it when it acts: FASB steers from where it backed off to). ``newest_only`` keeps
+    only the pass's last column (the reference's recompute-every-step semantics)."""
+
+    key: str
+    newest_only: bool = False
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        pos = _positions(ctx)
+        start = ctx.state.get(self.key)
+        m = pos >= (start if start is not None else 1 << 62)
+        if self.newest_only:
+            m = m & (torch.arange(m.shape[1], device=m.device) == m.shape[1] - 1)
+        return m
+
+    def describe(self) -> str:
+        return f"from state[{self.key!r}] on" + (", newest position only" if self.newest_only else "")
+
+
+def _positions(ctx: StepContext) -> torch.Tensor:
+    if ctx.positions is None:
+        raise RuntimeError("a steering rule was evaluated outside a forward pass")
+    return ctx.positions
+
+
+FROM_INSTRUCTION = FromInstruction()
+LAST_PROMPT_TOKEN = LastPromptToken()
+GENERATED = Generated()
+
+
+# -------------------------------------------------------------------------------------
+# how
+
+
+@dataclass(frozen=True, eq=False)
+class Operator:
+    """``apply(a, m, s)``: ``a`` the site's view of the activation, ``m`` the rule's mask as
+    ``a``'s dtype broadcast over its trailing dims, ``s`` the strength (a number, or one
+    per row broadcast likewise). Each operator leaves ``a`` unchanged where ``m`` is 0 or
+    ``s`` is 0."""
+
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _like(self, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``t`` (one of this operator's own tensors) on ``a``'s device and dtype, converted
+        once per (tensor, device, dtype)."""
+        if t.requires_grad:  # trainable tensors stay in the autograd graph, never cached
+            return t.to(device=a.device, dtype=a.dtype)
+        k = (id(t), a.device, a.dtype)
+        if k not in self._cache:
+            self._cache[k] = t.to(device=a.device, dtype=a.dtype)
+        return self._cache[k]
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Operator):
+    """``a += s * v`` (CAA on the residual stream; ITI with ``heads``).
+
+    ``vector``: ``[d]`` for a flat site; for a head site ``[k, d_head]`` with ``heads`` the
+    k head indices it is added to (other heads untouched).
+    """
+
+    vector: torch.Tensor
+    heads: tuple[int, ...] | None = None
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        if self.heads is None:
+            delta = self._like(self.vector, a)
+        else:
+            key = ("heads", a.shape[-2])
+            if (a.device, a.dtype, key) not in self._cache:
+                full = torch.zeros(a.shape[-2], a.shape[-1])
+                for h, v in zip(self.heads, self.vector.float()):
+                    full[h] += v
+                self._cache[(a.device, a.dtype, key)] = full.to(device=a.device, dtype=a.dtype)
+            delta = self._cache[(a.device, a.dtype, key)]
+        return a + (s * m) * delta
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleMasked(Operator):
+    """``a' = a + s * (M * a)``: the masked elements of the input's own activation are
+    multiplied by ``1 + s`` (SADI, with ``s`` = delta). ``elements``: a 0/1 mask over the
+    view's trailing dims (``[d]``; ``[n_heads, 1]`` scales whole heads)."""
+
+    elements: torch.Tensor
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        return a + (s * m) * (self._like(self.elements, a) * a)
+
+
+@dataclass(frozen=True, eq=False)
+class AddGated(Operator):
+    """``a' = a + s * (c . a + b) * v``: a strength computed from the activation itself,
+    per token (CLAS). ``weight`` (c) ``[d]``, ``bias`` (b) a scalar tensor, ``vector`` (v)
+    ``[d]``; c and b may require grad (they are trained through the same hooks)."""
+
+    vector: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        g = a @ self._like(self.weight, a) + self._like(self.bias, a)  # [B, T]
+        return a + (s * m) * g.unsqueeze(-1) * self._like(self.vector, a)
+
+
+# -------------------------------------------------------------------------------------
+# the triple, and its hooks
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """Steer ``site`` at the columns ``rule`` names with ``op``, at the strength in force."""
+
+    site: Site
+    rule: Rule
+    op: Operator
+
+
+def _as_rows(s: Any, like: torch.Tensor) -> Any:
+    """A per-row strength tensor as ``[B, 1, ...]`` in ``like``'s dtype; a number as is."""
+    if isinstance(s, torch.Tensor):
+        return s.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    return s
+
+
+def intervention_hooks(interventions: list[Intervention], ctx: StepContext) -> list[tuple[str, HookFn]]:
+    """One hook function per intervention, reading ``ctx`` (positions, strength) at every pass."""
+
+    def make(iv: Intervention) -> HookFn:
+        def steer(act: torch.Tensor, hook) -> torch.Tensor:
+            s = ctx.strength
+            if not isinstance(s, torch.Tensor) and (s is None or s == 0):
+                return act
+            a = iv.site.view(act)
+            m = iv.rule.mask(ctx).to(a.dtype).reshape(*a.shape[:2], *([1] * (a.ndim - 2)))
+            return iv.op.apply(a, m, _as_rows(s, a)).reshape(act.shape)
+
+        return steer
+
+    return [(iv.site.hook, make(iv)) for iv in interventions]
+
+
+def steered_mask(interventions: list[Intervention], ctx: StepContext) -> torch.Tensor:
+    """Boolean ``[batch, pos]``: the columns of this pass that some intervention's rule steers."""
+    masks = [iv.rule.mask(ctx) for iv in interventions]
+    if not masks:
+        return torch.zeros_like(ctx.mask)
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out

@@ -1,0 +1,241 @@
+"""Batched forward passes with steering: the passes evaluation, collection and training share.
+
+``steering()`` installs a steerer's hooks for one pass or call and always removes them.
+``forward_batch`` runs left-padded sequences (explicit position ids), with autograd on
+when asked (``grad=True``), so a trainable steerer trains on the path it is evaluated on.
+``SharedPrefix`` holds the keys and values of a token prefix every sequence of an
+evaluation starts with (an instruction and a few-shot primer), and ``steered_suffixes``
+computes each batch's unsteered prefix once and runs only the steered tail for each of
+several steerers. The token loop (``generation.generate``) uses ``steering`` and
+``SharedPrefix`` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from steerbench.kvcache import forward_cached
+from steerbench.model import Model
+from steerbench.steerer import HookFn, Steerer, StepContext, refuse_observing
+
+# -------------------------------------------------------------------------------------
+# hooks
+
+
+@contextlib.contextmanager
+def steering(
+    model: Model,
+    steer: Steerer | None,
+    ctx: StepContext,
+    extra: Iterable[tuple[str, HookFn]] = (),
+) -> Iterator[StepContext]:
+    """Install ``steer``'s hooks (and ``extra`` ones) for the body; always removes them.
+
+    Extra hooks run after the steerer's at the same site, so they see steered values.
+    """
+    hooks: list[tuple[str, HookFn]] = []
+    if steer is not None:
+        steer.check_model(model)
+        if ctx.strength is None:
+            ctx.strength = steer.initial_strength()
+        hooks.extend(steer.hooks(ctx))
+    hooks.extend(extra)
+    for name, _ in hooks:
+        model.check_hook(name)
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield ctx
+
+
+# -------------------------------------------------------------------------------------
+# batched forward with left padding
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids. Row b's token i sits in column ``offsets[b] + i``."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor  # absolute positions, -1 on padding
+    offsets: list[int]
+    lengths: list[int]
+
+    @classmethod
+    def pad(cls, seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Batch:
+        if not seqs:
+            raise ValueError("empty batch")
+        lengths = [len(s) for s in seqs]
+        if min(lengths) == 0:
+            raise ValueError("a sequence in the batch has no tokens")
+        width = max(lengths)
+        offsets = [width - n for n in lengths]
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, offsets[b]:] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[b, offsets[b]:] = 1
+        positions = mask.cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, -1)
+        return cls(ids.to(device), mask.to(device), positions.to(device), offsets, lengths)
+
+
+def forward_batch(
+    model: Model,
+    seqs: Sequence[Sequence[int]],
+    steer: Steerer | None = None,
+    steer_from: Sequence[int] | None = None,
+    extra_hooks: Iterable[tuple[str, HookFn]] = (),
+    stop_at_layer: int | None = None,
+    grad: bool = False,
+    row_strengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, Batch]:
+    """One forward pass over left-padded ``seqs`` with ``steer`` applied.
+
+    ``steer_from[b]`` is where steering starts in row b (default: nowhere, i.e. past
+    the end). Returns the logits (None when ``stop_at_layer`` cuts the pass short) and
+    the Batch for indexing. ``grad=True`` runs with autograd on, through the same hooks
+    (the model's own weights stay as they are: freeze them to train only a steerer).
+    """
+    refuse_observing([steer], "a batched forward pass")
+    batch = Batch.pad(seqs, model.pad_id, model.device)
+    if steer_from is None:
+        steer_from = batch.lengths
+    ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=model.device), strength=row_strengths)
+    ctx.set_pass(batch.positions)
+    with torch.set_grad_enabled(grad), steering(model, steer, ctx, extra_hooks):
+        out = model.bridge.forward(
+            batch.ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions.clamp(min=0),
+            prepend_bos=False,
+            stop_at_layer=stop_at_layer,
+            return_type=None if stop_at_layer is not None else "logits",
+        )
+    return (out if stop_at_layer is None else None), batch
+
+
+@dataclass
+class SharedPrefix:
+    """Keys and values of a token prefix that every sequence of an evaluation starts with
+    (e.g. an instruction and a few-shot primer), computed once, unsteered."""
+
+    ids: list[int]
+    cache: Any  # a transformers Cache with batch size 1
+
+    @classmethod
+    def of(cls, model: Model, seqs: Sequence[Sequence[int]], limit: int) -> SharedPrefix | None:
+        """The longest common prefix of ``seqs`` (at most ``limit`` tokens), or None if empty."""
+        first = seqs[0]
+        n = min(limit, *(len(s) for s in seqs))
+        for s in seqs[1:]:
+            j = 0
+            while j < n and s[j] == first[j]:
+                j += 1
+            n = j
+        if n < 1:
+            return None
+        ids = torch.tensor([list(first[:n])], device=model.device)
+        with torch.no_grad():
+            _, cache = forward_cached(model, ids)
+        return cls(list(first[:n]), cache)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def expanded(self, rows: int):
+        """A fresh copy of the cache with ``rows`` identical rows (the original stays as it is)."""
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=self.cache_device()))
+        return cache
+
+    def cache_device(self) -> torch.device:
+        return self.cache.layers[0].keys.device
+
+
+def steered_suffixes(
+    model: Model,
+    seqs: Sequence[Sequence[int]],
+    split_at: Sequence[int],
+    steer_from: Sequence[int],
+    steers: Sequence[Steerer | None],
+    head: SharedPrefix | None = None,
+    extra_hooks: Iterable[tuple[str, HookFn]] = (),
+    row_strengths: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Logits of ``seqs[b][split_at[b]:]`` under each of ``steers``, computing the prefix once.
+
+    Steering never touches positions before ``steer_from``, so with ``split_at <=
+    steer_from`` the prefix's keys and values are the same for every steerer: they are
+    computed once, unsteered, and each steerer runs only the suffix on top of them (the
+    cache is cropped back after each). Yields ``(k, logits)`` with ``logits[b, j]`` the
+    logits at absolute position ``split_at[b] + j`` (right-padded). A steerer that
+    declares ``prefix_invariant = False`` gets a full pass instead.
+
+    ``head``: a :class:`SharedPrefix` that every sequence starts with and that ends before
+    every ``split_at``; its cache is reused instead of recomputing it for the batch.
+    ``extra_hooks`` run in every steerer's pass (after its hooks), e.g. to read activations.
+    ``row_strengths`` ([batch]): each row's strength, in place of each steerer's own.
+    """
+    refuse_observing(steers, "a batched forward pass")
+    extra_hooks = list(extra_hooks)
+    if any(a > f for a, f in zip(split_at, steer_from)):
+        raise ValueError("split_at must not be after steer_from")
+    if head is not None and (len(head) >= min(split_at) or any(list(s[: len(head)]) != head.ids for s in seqs)):
+        raise ValueError("the shared head must be a prefix of every sequence that ends before split_at")
+    device = model.device
+    lengths = [len(s) for s in seqs]
+    suffixes = [list(s[a:]) for s, a in zip(seqs, split_at)]
+    width = max(len(x) for x in suffixes)
+    shared = min(split_at) > 0 and any(st is None or st.prefix_invariant for st in steers)
+    if shared:
+        # each distinct prefix once (answers to one question share it), then one cache row per sequence
+        h = 0 if head is None else len(head)
+        prefixes = [tuple(s[h:a]) for s, a in zip(seqs, split_at)]
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(prefixes))}
+        row_of = torch.tensor([distinct[p] for p in prefixes], device=device)
+        pre = Batch.pad([list(p) for p in distinct], model.pad_id, device)
+        pre_mask = pre.attention_mask
+        past = None
+        if head is not None:
+            # the head's keys/values once per row, then each distinct rest of the prefix on top
+            # (left padding sits between the head and the rest; it is masked out)
+            past = head.expanded(len(distinct))
+            pre_mask = torch.cat([torch.ones(len(distinct), h, dtype=pre_mask.dtype, device=device), pre_mask], 1)
+        with torch.no_grad():
+            _, cache = forward_cached(
+                model, pre.ids, past, attention_mask=pre_mask, position_ids=pre.positions.clamp(min=0) + h
+            )
+        if len(distinct) < len(seqs):
+            cache.reorder_cache(row_of)
+        prefix_mask = pre_mask[row_of]
+        ids = torch.full((len(seqs), width), model.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, x in enumerate(suffixes):
+            ids[b, : len(x)] = torch.as_tensor(x)
+            mask[b, : len(x)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = torch.as_tensor(list(split_at), device=device)[:, None] + torch.arange(width, device=device)
+        full_mask = torch.cat([prefix_mask, mask], dim=1)
+        ctx_positions = positions.masked_fill(mask == 0, -1)
+    for k, steer in enumerate(steers):
+        if shared and (steer is None or steer.prefix_invariant):
+            ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=device), strength=row_strengths)
+            ctx.set_pass(ctx_positions)
+            with torch.no_grad(), steering(model, steer, ctx, extra_hooks):
+                logits, cache = forward_cached(model, ids, cache, attention_mask=full_mask, position_ids=positions)
+            cache.crop(-width)
+            yield k, logits
+        else:
+            full, batch = forward_batch(model, seqs, steer, steer_from, extra_hooks, row_strengths=row_strengths)
+            assert full is not None
+            logits = full
+            out = logits.new_zeros((len(seqs), width, logits.shape[-1]))
+            for b, a in enumerate(split_at):
+                out[b, : lengths[b] - a] = logits[b, batch.offsets[b] + a :]
+            yield k, out
