@@ -20,7 +20,7 @@ PIP := $(BIN)/python -m pip --quiet
 # for `make lock`: the torch release the lock is built around
 LOCK_TORCH ?= torch==2.13.0
 
-.PHONY: install demo test doctor bench lock clean
+.PHONY: install demo test lint doctor bench lock clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	rm -rf $(VENV)
@@ -41,6 +41,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/steerbench doctor
 	$(BIN)/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=900
+
+# ruff (pyflakes, pycodestyle, import order, pyupgrade, unused arguments) and mypy on the package
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 doctor: $(STAMP)
 	$(BIN)/steerbench doctor
