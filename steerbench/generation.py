@@ -113,7 +113,7 @@ def generate(
     chat: bool = True,
     max_rollbacks: int = 16,
     on_step=None,
-    stop: Sequence[str] = (),
+    stop: str | Sequence[str] | None = None,
     prefix: SharedPrefix | None = None,
 ) -> Generation:
     """Generate from ``prompt`` with ``steer`` applied; greedy unless ``temperature > 0``.
@@ -123,7 +123,8 @@ def generate(
     ``use_cache=False`` recomputes the whole sequence every step (for checking).
     ``stop``: strings that end the generation once the text contains one (the text is cut
     before it; the tokens are kept), e.g. ``("\n",)`` for one-line answers. A plain chat
-    prompt (a model without a chat template) stops at the next ``"\nUser:"`` by default.
+    prompt (a model without a chat template) stops at the next ``"\nUser:"`` unless ``stop``
+    says otherwise (``stop=()``: never).
     ``prefix``: a :class:`~steerbench.passes.SharedPrefix` the prompt starts with (e.g. TruthfulQA's instruction
     and primer, shared by many questions) that ends at or before ``steer_from``: its
     keys and values are reused instead of being recomputed for every prompt.
@@ -133,8 +134,8 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     p = _as_prompt(model, prompt, chat)
-    if not stop and p.format == "plain":
-        stop = ("\nUser:",)  # a base model goes on to write the next turn itself
+    if stop is None:  # a base model given a plain chat prompt goes on to write the next turn itself
+        stop = ("\nUser:",) if p.format == "plain" else ()
     device = model.device
     eos = model.eos_ids if stop_at_eos else set()
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -194,9 +194,10 @@ def steered_suffixes(
     width = max(len(x) for x in suffixes)
     shared = min(split_at) > 0 and any(st is None or st.prefix_invariant for st in steers)
     window = model.sliding_window
-    if window is not None and head is not None and len(head) + max(split_at) - min(split_at) + width >= window:
-        # left padding between the shared head and the rest would sit inside a sliding
-        # window and shorten it for the padded rows: compute the whole prefix per batch
+    if window is not None and head is not None and max(split_at) + width >= window:
+        # once a sliding window no longer spans every column, left padding between the
+        # shared head and the rest would sit inside it and shorten it for the padded rows:
+        # compute the whole prefix per batch (padding then only precedes a row's tokens)
         head = None
     if shared:
         # each distinct prefix once (answers to one question share it), then one cache row per sequence

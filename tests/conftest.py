@@ -11,6 +11,23 @@ def model() -> Model:
 
 
 @pytest.fixture(scope="session")
+def gemma() -> Model:
+    """The second model family: Gemma 3 270M (base, 1 KV head of d_head 256, sliding windows)."""
+    return sb.load_model("gemma-3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session", params=["smollm2", "gemma"])
+def any_model(request) -> Model:
+    """Each offline model family in turn, for the tests whose claims hold for any model."""
+    return request.getfixturevalue("model" if request.param == "smollm2" else "gemma")
+
+
+@pytest.fixture(scope="session")
+def any_caa(any_model, tone):
+    return sb.CAA.fit(any_model, tone[:6], read="answer", layer=12)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(model) -> Model:
     """A second, genuinely different model: a small random Llama sharing the tokenizer."""
     from transformer_lens.model_bridge import TransformerBridge

@@ -14,7 +14,8 @@ def manual(model, text, hook):
 
 
 @pytest.mark.parametrize("position", ["last", -2, "mean"])
-def test_batched_equals_one_at_a_time_and_plain_cache(model, position):
+def test_batched_equals_one_at_a_time_and_plain_cache(any_model, position):
+    model = any_model  # each model family in turn
     batched = sb.collect(model, TEXTS, HOOKS, position=position, batch_size=4)
     single = sb.collect(model, TEXTS, HOOKS, position=position, batch_size=1)
     for h in HOOKS:
@@ -25,7 +26,8 @@ def test_batched_equals_one_at_a_time_and_plain_cache(model, position):
             assert torch.allclose(single[h][i], want, atol=1e-4)
 
 
-def test_shapes_all_positions_and_spans(model):
+def test_shapes_all_positions_and_spans(any_model):
+    model = any_model  # each model family in turn
     acts = sb.collect(model, TEXTS, HOOKS, position="all")
     lens = [len(model.encode(t)) for t in TEXTS]
     assert [a.shape[0] for a in acts["blocks.2.hook_resid_post"]] == lens

@@ -12,11 +12,6 @@ from tests.conftest import hook_count
 
 
 @pytest.fixture(scope="session")
-def gemma():
-    return sb.load_model("gemma-3-270m", device="cpu")
-
-
-@pytest.fixture(scope="session")
 def gemma_caa(gemma, tone):
     return sb.CAA.fit(gemma, tone[:6], read="answer", layer=9)
 
@@ -100,16 +95,20 @@ def test_a_rollback_past_the_sliding_window_equals_recomputation(gemma, gemma_he
     assert [e.kind for e in cached.trace.events].count("recompute") == 1
 
 
-def test_shared_prefix_scoring_past_the_sliding_window_equals_a_full_pass(gemma, gemma_heads):
+@pytest.mark.parametrize("n_facts, questions", [
+    (60, ("one", "two and three")),  # the shared prefix alone fills the 512-token window
+    (46, ("a short one", "a much longer one " * 20)),  # it does not, but prefix + rest do, unevenly
+])
+def test_shared_prefix_scoring_past_the_sliding_window_equals_a_full_pass(gemma, gemma_heads, n_facts, questions):
     from steerbench.evaluation import continuation_logprobs_many
     from steerbench.passes import forward_batch
 
-    head = " ".join(f"Fact {i}: the sky is blue." for i in range(60))
+    head = " ".join(f"Fact {i}: the sky is blue." for i in range(n_facts))
     prompts = []
-    for q in ("one", "two and three"):
+    for q in questions:
         ids = gemma.encode(f"{head} Question {q}?")
         prompts.append(sb.Prompt(ids, steer_from=len(ids) - 1))
-    assert min(map(len, prompts)) > 520  # the shared prefix alone fills the 512-token window
+    assert max(map(len, prompts)) > 512
     conts = [gemma.encode(" Yes, it is.", bos=False), gemma.encode(" No.", bos=False)]
     steer = gemma_heads.scaled(3.0)
     many = continuation_logprobs_many(gemma, prompts, conts, [None, steer], batch_size=2)

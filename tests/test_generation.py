@@ -10,7 +10,8 @@ from tests.conftest import hook_count
 PROMPT = "How was your weekend?"
 
 
-def test_strength_zero_reproduces_unsteered_output_exactly(model, caa):
+def test_strength_zero_reproduces_unsteered_output_exactly(any_model, any_caa):
+    model, caa = any_model, any_caa  # each model family in turn
     plain = sb.generate(model, PROMPT, max_new_tokens=24)
     zero = sb.generate(model, PROMPT, steer=caa.scaled(0), max_new_tokens=24)
     assert zero.tokens == plain.tokens
@@ -20,7 +21,8 @@ def test_strength_zero_reproduces_unsteered_output_exactly(model, caa):
     assert not any(s.strength for s in zero.trace.steps)
 
 
-def test_steering_changes_output(model, caa):
+def test_steering_changes_output(any_model, any_caa):
+    model, caa = any_model, any_caa  # each model family in turn
     plain = sb.generate(model, PROMPT, max_new_tokens=16)
     steered = sb.generate(model, PROMPT, steer=caa.scaled(6), max_new_tokens=16)
     assert steered.tokens != plain.tokens
@@ -28,7 +30,8 @@ def test_steering_changes_output(model, caa):
 
 
 @pytest.mark.parametrize("strength", [4.0, -4.0])
-def test_cached_and_uncached_steered_generation_agree(model, caa, strength):
+def test_cached_and_uncached_steered_generation_agree(any_model, any_caa, strength):
+    model, caa = any_model, any_caa  # each model family in turn
     a = sb.generate(model, PROMPT, steer=caa.scaled(strength), max_new_tokens=20, use_cache=True)
     b = sb.generate(model, PROMPT, steer=caa.scaled(strength), max_new_tokens=20, use_cache=False)
     assert a.tokens == b.tokens
@@ -51,7 +54,8 @@ class Recorder(Steerer):
         return [(self.sites[0], rec)]
 
 
-def test_every_generated_token_is_steered_under_the_cache(model):
+def test_every_generated_token_is_steered_under_the_cache(any_model):
+    model = any_model  # each model family in turn
     r = Recorder()
     p = model.prompt(PROMPT)
     sb.generate(model, p, steer=r, max_new_tokens=8)
@@ -82,7 +86,8 @@ class Boom(Steerer):
         return [(self.sites[0], hook)]
 
 
-def test_hooks_are_removed_after_an_exception(model, caa):
+def test_hooks_are_removed_after_an_exception(any_model, any_caa):
+    model, caa = any_model, any_caa  # each model family in turn
     before = hook_count(model)
     with pytest.raises(RuntimeError, match="boom"):
         sb.generate(model, PROMPT, steer=Boom(), max_new_tokens=8)
@@ -133,7 +138,8 @@ class Scripted(Steerer):
         return ctx.state.get("s", 0.0)
 
 
-def test_rollback_backs_off_exactly_k_tokens_and_is_traced(model, caa):
+def test_rollback_backs_off_exactly_k_tokens_and_is_traced(any_model, any_caa):
+    model, caa = any_model, any_caa  # each model family in turn
     s = Scripted(vector=caa.vectors[10], strength=0.0)
     plain = sb.generate(model, PROMPT, max_new_tokens=12)
     g = sb.generate(model, PROMPT, steer=s, max_new_tokens=12)
@@ -148,7 +154,8 @@ def test_rollback_backs_off_exactly_k_tokens_and_is_traced(model, caa):
     assert not any(t.steered for t in g.trace.steps)  # strength 0 is recorded as unsteered
 
 
-def test_cache_cropped_rollback_equals_recomputing_from_scratch(model, caa):
+def test_cache_cropped_rollback_equals_recomputing_from_scratch(any_model, any_caa):
+    model, caa = any_model, any_caa  # each model family in turn
     s = Scripted(vector=caa.vectors[10], strength=8.0)
     cached = sb.generate(model, PROMPT, steer=s, max_new_tokens=14, use_cache=True)
     fresh = sb.generate(model, PROMPT, steer=s, max_new_tokens=14, use_cache=False)

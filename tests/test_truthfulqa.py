@@ -23,7 +23,8 @@ def test_mc_metrics_on_known_log_probabilities():
 
 
 @pytest.mark.parametrize("prompt,n,batch_size", [("plain", 3, 16), ("instruction+primer", 2, 5)])
-def test_batched_scoring_equals_naive_one_answer_at_a_time(model, prompt, n, batch_size):
+def test_batched_scoring_equals_naive_one_answer_at_a_time(any_model, prompt, n, batch_size):
+    model = any_model  # each model family in turn
     # the primer is computed once for all batches and shared (SharedPrefix); batch_size 5 splits
     # a question's answers across batches
     questions = sb.load_truthfulqa("misconceptions")[:n]
@@ -44,7 +45,8 @@ def test_batched_scoring_equals_naive_one_answer_at_a_time(model, prompt, n, bat
         assert abs(got[1] - want[1]) < 1e-4
 
 
-def test_steering_changes_scores_and_strength_zero_does_not(model, caa):
+def test_steering_changes_scores_and_strength_zero_does_not(any_model, any_caa):
+    model, caa = any_model, any_caa  # each model family in turn
     questions = sb.load_truthfulqa("misconceptions")[:4]
     base, zero, steered = mc_scores(model, questions, [None, caa.scaled(0), caa.scaled(8)], prompt="plain")
     assert zero.per_question == base.per_question
