@@ -71,10 +71,6 @@ def z_hook(layer: int) -> str:
     return Site.heads(layer, 1).hook
 
 
-def resid_hook(layer: int) -> str:
-    return Site.resid(layer).hook
-
-
 # -------------------------------------------------------------------------------------
 # when
 
