@@ -92,16 +92,23 @@ class Steerer:
         """Hook functions for one call; they read ``ctx`` live at every pass."""
         if not self.observes and not isinstance(ctx.strength, torch.Tensor) and not ctx.strength:
             return []  # static at strength 0 touches nothing: output is exactly the unsteered one
-        return intervention_hooks(self.interventions(), ctx)
+        return intervention_hooks(self._call_interventions(ctx), ctx)
 
     def steered(self, ctx: StepContext) -> torch.Tensor:
         """Boolean [batch, pos]: the columns of the running pass that this steerer's rules
         steer (a steerer with hand-written hooks: every column from ``steer_from`` on)."""
         try:
-            interventions = self.interventions()
+            interventions = self._call_interventions(ctx)
         except NotImplementedError:
             return ctx.mask
         return steered_mask(interventions, ctx)
+
+    def _call_interventions(self, ctx: StepContext) -> list:
+        """The interventions, built once per call (kept in the call's ``ctx.state``), so the
+        loop's per-token steered flag does not rebuild them at every step."""
+        if "_interventions" not in ctx.state:
+            ctx.state["_interventions"] = self.interventions()
+        return ctx.state["_interventions"]
 
     # -- optional ----------------------------------------------------------------------
     def observe(self, step: StepState) -> Decision | None:  # noqa: ARG002 (static steerers ignore it)
