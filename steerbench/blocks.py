@@ -19,7 +19,7 @@ through ``Decision.strength`` and the trace records the strength actually applie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -146,6 +146,23 @@ class FromState(Rule):
         return f"from state[{self.key!r}] on" + (", newest position only" if self.newest_only else "")
 
 
+@dataclass(frozen=True)
+class AnyOf(Rule):
+    """The columns any of ``rules`` names (SADI with its generated-token option: the last
+    prompt token and every generated token)."""
+
+    rules: tuple[Rule, ...]
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        out = self.rules[0].mask(ctx)
+        for r in self.rules[1:]:
+            out = out | r.mask(ctx)
+        return out
+
+    def describe(self) -> str:
+        return " and ".join(r.describe() for r in self.rules)
+
+
 def _positions(ctx: StepContext) -> torch.Tensor:
     if ctx.positions is None:
         raise RuntimeError("a steering rule was evaluated outside a forward pass")
@@ -166,11 +183,20 @@ class Operator:
     """``apply(a, m, s)``: ``a`` the site's view of the activation, ``m`` the rule's mask as
     ``a``'s dtype broadcast over its trailing dims, ``s`` the strength (a number, or one
     per row broadcast likewise). Each operator leaves ``a`` unchanged where ``m`` is 0 or
-    ``s`` is 0."""
+    ``s`` is 0.
 
+    An operator with ``reads_clean`` also gets ``clean``: the same site's activation in the
+    same pass with the steering off (the loop runs that pass first, over the steered
+    columns only; see ``passes.forward_pass``)."""
+
+    reads_clean: ClassVar[bool] = False
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_clean(self, a: torch.Tensor, clean: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        """``apply`` for an operator with ``reads_clean``: ``clean`` is the site's unsteered view."""
         raise NotImplementedError
 
     def _like(self, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -222,6 +248,25 @@ class ScaleMasked(Operator):
 
 
 @dataclass(frozen=True, eq=False)
+class ScaleClean(Operator):
+    """``a' = c + s * (M * c)`` where the rule steers, ``c`` the site's *unsteered*
+    activation: the masked elements of the input's clean activation are multiplied by
+    ``1 + s`` and the other elements are reset to their clean values, so a change at one
+    layer does not compound into the next layer's site at that position (SADI's reference
+    reading: its steering.py runs the question alone, scales that activation and writes it
+    into the scoring pass at the last prompt position of every layer). Rows at strength 0
+    are left exactly as they are."""
+
+    elements: torch.Tensor
+    reads_clean: ClassVar[bool] = True
+
+    def apply_clean(self, a: torch.Tensor, clean: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
+        on = m * (s != 0) if isinstance(s, torch.Tensor) else m
+        target = clean + s * (self._like(self.elements, a) * clean)
+        return a + on * (target - a)
+
+
+@dataclass(frozen=True, eq=False)
 class AddGated(Operator):
     """``a' = a + s * (c . a + b) * v``: a strength computed from the activation itself,
     per token (CLAS). ``weight`` (c) ``[d]``, ``bias`` (b) a scalar tensor, ``vector`` (v)
@@ -261,16 +306,37 @@ def intervention_hooks(interventions: list[Intervention], ctx: StepContext) -> l
 
     def make(iv: Intervention) -> HookFn:
         def steer(act: torch.Tensor, hook) -> torch.Tensor:
+            if ctx.capturing:  # the clean pre-pass: record, change nothing
+                if iv.op.reads_clean:
+                    ctx.clean[iv.site.hook] = act.detach()
+                return act
             s = ctx.strength
             if not isinstance(s, torch.Tensor) and (s is None or s == 0):
                 return act
             a = iv.site.view(act)
             m = iv.rule.mask(ctx).to(a.dtype).reshape(*a.shape[:2], *([1] * (a.ndim - 2)))
-            return iv.op.apply(a, m, _as_rows(s, a)).reshape(act.shape)
+            if not iv.op.reads_clean:
+                return iv.op.apply(a, m, _as_rows(s, a)).reshape(act.shape)
+            if not bool(m.any()):  # nothing steered in this pass (a decode step): no clean pre-pass ran
+                return act
+            return iv.op.apply_clean(a, _clean_view(iv.site, ctx, a), m, _as_rows(s, a)).reshape(act.shape)
 
         return steer
 
     return [(iv.site.hook, make(iv)) for iv in interventions]
+
+
+def _clean_view(site: Site, ctx: StepContext, a: torch.Tensor) -> torch.Tensor:
+    """The clean pre-pass's activation at ``site`` as ``a``'s view, padded to ``a``'s columns
+    (it covers only the columns up to the last steered one; the rest is never read)."""
+    c = ctx.clean.get(site.hook)
+    if c is None:
+        raise RuntimeError(f"no clean activation of {site.hook} for this pass: an operator that reads the unsteered "
+                           "activation ran in a pass that did not go through passes.forward_pass")
+    c = site.view(c)
+    if c.shape[1] < a.shape[1]:
+        c = torch.cat([c, c.new_zeros(c.shape[0], a.shape[1] - c.shape[1], *c.shape[2:])], 1)
+    return c
 
 
 def steered_mask(interventions: list[Intervention], ctx: StepContext) -> torch.Tensor:

@@ -50,6 +50,13 @@ class StepContext:
     state: dict = field(default_factory=dict)
     strength: float | torch.Tensor | None = None
     gen_from: torch.Tensor | None = None
+    # operators that read the unsteered activation (SADI's reference reading): ``clean_mask``
+    # (set by ``passes.steering``) gives the columns they steer; ``passes.forward_pass`` then
+    # runs those columns once with the steering off (``capturing``), filling ``clean``
+    # (hook name -> the activation of the pass's first columns), before the steered pass
+    clean_mask: Callable[[StepContext], torch.Tensor] | None = None
+    clean: dict = field(default_factory=dict)
+    capturing: bool = False
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     def set_pass(self, positions: torch.Tensor) -> None:

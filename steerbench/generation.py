@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerbench.kvcache import can_crop, forward_cached
+from steerbench.kvcache import can_crop
 from steerbench.model import Model, Prompt
-from steerbench.passes import SharedPrefix, steering
+from steerbench.passes import SharedPrefix, forward_pass, steering
 from steerbench.steerer import Decision, Steerer, StepContext, StepState, check_strength
 
 # -------------------------------------------------------------------------------------
@@ -169,11 +169,10 @@ def generate(
             feed = seq[start:]
             ctx.set_pass(torch.arange(start, len(seq), device=device)[None, :])
             ids = torch.tensor([feed], device=device)
+            logits, cache = forward_pass(model, ctx, ids, cache, cached=use_cache)
+            assert logits is not None
             if use_cache:
-                logits, cache = forward_cached(model, ids, cache)
                 n_cached = len(seq)
-            else:
-                logits = model.bridge.forward(ids, prepend_bos=False)
             n_gen = len(seq) - n_prompt
 
             decision: Decision | None = None

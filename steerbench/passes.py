@@ -44,12 +44,80 @@ def steering(
         steer.check_model(model)
         if ctx.strength is None:
             ctx.strength = steer.initial_strength()
-        hooks.extend(steer.hooks(ctx))
+        own = steer.hooks(ctx)
+        hooks.extend(own)
+        if own and steer.reads_clean(ctx):
+            ctx.clean_mask = steer.steered  # forward_pass runs the clean pre-pass these columns need
     hooks.extend(extra)
     for name, _ in hooks:
         model.check_hook(name)
     with model.bridge.hooks(fwd_hooks=hooks):
         yield ctx
+
+
+def forward_pass(
+    model: Model,
+    ctx: StepContext,
+    ids: torch.Tensor,
+    cache: Any = None,
+    *,
+    cached: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    stop_at_layer: int | None = None,
+) -> tuple[torch.Tensor | None, Any]:
+    """One forward pass under the hooks ``steering`` installed: ``(logits, cache)``.
+
+    Every steered pass goes through here (the token loop, ``forward_batch`` and the
+    steered suffixes). ``cached=True`` extends ``cache`` (None: a new one) through
+    :func:`~steerbench.kvcache.forward_cached`; otherwise the cache returned is None, and
+    ``stop_at_layer`` may cut the pass short (logits None).
+
+    When the installed steerer has operators that read the unsteered activation
+    (``ctx.clean_mask`` set), the columns up to the last one it steers are first run with
+    the steering off, recording its sites in ``ctx.clean``; the cache is then cropped back
+    (or that pass ran on a copy, where a sliding window forbids the crop), so the steered
+    pass sees the cache exactly as it was.
+    """
+    kw: dict[str, Any] = {}
+    if attention_mask is not None:
+        kw["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kw["position_ids"] = position_ids
+    if ctx.clean_mask is not None and (isinstance(ctx.strength, torch.Tensor) or ctx.strength):
+        _clean_prepass(model, ctx, ids, cache if cached else None, kw)
+    if cached:
+        return forward_cached(model, ids, cache, **kw)
+    out = model.bridge.forward(ids, prepend_bos=False, stop_at_layer=stop_at_layer,
+                               return_type=None if stop_at_layer is not None else "logits", **kw)
+    return (out if stop_at_layer is None else None), None
+
+
+def _clean_prepass(model: Model, ctx: StepContext, ids: torch.Tensor, cache: Any, kw: dict) -> None:
+    assert ctx.clean_mask is not None
+    ctx.clean = {}
+    cols = ctx.clean_mask(ctx).any(0).nonzero()
+    if len(cols) == 0:
+        return
+    n = int(cols.max()) + 1
+    part = dict(kw)
+    if "attention_mask" in kw:  # it also spans the cached columns
+        part["attention_mask"] = kw["attention_mask"][:, : kw["attention_mask"].shape[1] - ids.shape[1] + n]
+    if "position_ids" in kw:
+        part["position_ids"] = kw["position_ids"][:, :n]
+    window = model.sliding_window
+    crop = cache is not None and (window is None or cache_length(cache) + n < window)
+    ctx.capturing = True
+    try:
+        with torch.no_grad():
+            if cache is None:
+                model.bridge.forward(ids[:, :n], prepend_bos=False, **part)
+            else:
+                forward_cached(model, ids[:, :n], cache if crop else copy.deepcopy(cache), **part)
+    finally:
+        ctx.capturing = False
+        if crop:
+            cache.crop(-n)
 
 
 # -------------------------------------------------------------------------------------
@@ -109,15 +177,9 @@ def forward_batch(
     ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=model.device), strength=row_strengths)
     ctx.set_pass(batch.positions)
     with torch.set_grad_enabled(grad), steering(model, steer, ctx, extra_hooks):
-        out = model.bridge.forward(
-            batch.ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.positions.clamp(min=0),
-            prepend_bos=False,
-            stop_at_layer=stop_at_layer,
-            return_type=None if stop_at_layer is not None else "logits",
-        )
-    return (out if stop_at_layer is None else None), batch
+        out, _ = forward_pass(model, ctx, batch.ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.positions.clamp(min=0), stop_at_layer=stop_at_layer)
+    return out, batch
 
 
 @dataclass
@@ -237,7 +299,9 @@ def steered_suffixes(
             # a sliding-window layer that fills up cannot be cropped back: run on a copy
             run = cache if can_crop_after else copy.deepcopy(cache)
             with torch.no_grad(), steering(model, steer, ctx, extra_hooks):
-                logits, run = forward_cached(model, ids, run, attention_mask=full_mask, position_ids=positions)
+                logits, run = forward_pass(model, ctx, ids, run, cached=True, attention_mask=full_mask,
+                                           position_ids=positions)
+                assert logits is not None
             if can_crop_after:
                 cache.crop(-width)
             yield k, logits

@@ -103,6 +103,14 @@ class Steerer:
             return ctx.mask
         return steered_mask(interventions, ctx)
 
+    def reads_clean(self, ctx: StepContext) -> bool:
+        """Whether an operator reads the unsteered activation (then every pass first runs
+        the steered columns clean: ``passes.forward_pass``)."""
+        try:
+            return any(iv.op.reads_clean for iv in self._call_interventions(ctx))
+        except NotImplementedError:
+            return False
+
     def _call_interventions(self, ctx: StepContext) -> list:
         """The interventions, built once per call (kept in the call's ``ctx.state``), so the
         loop's per-token steered flag does not rebuild them at every step."""
