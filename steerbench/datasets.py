@@ -13,6 +13,7 @@ project's embedded sets by name.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -182,13 +183,32 @@ def items_hash(items: Iterable[ABItem]) -> str:
 
 @dataclass(frozen=True)
 class MCQuestion:
-    """A TruthfulQA-format question: a best answer, true answers and false answers."""
+    """A multiple-choice record: a question, its best answer, true answers and false answers.
+
+    TruthfulQA has several of each; a one-gold set (COPA, WinoGrande, BoolQ, MMLU) has the
+    gold choice as its one true (and best) answer and the others as false ones.
+    ``contexts`` (optional, one per answer in ``correct + incorrect`` order) is text that
+    goes between the question and that answer: WinoGrande's sentence with its blank filled
+    in by that option, after which the shared rest of the sentence is scored.
+    """
 
     question: str
     best: str
     correct: tuple[str, ...]  # true answers (the best one included)
     incorrect: tuple[str, ...]
     category: str = ""
+    contexts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.contexts and len(self.contexts) != len(self.correct) + len(self.incorrect):
+            raise DatasetError(f"{len(self.contexts)} contexts for {len(self.correct) + len(self.incorrect)} answers")
+
+    def answers(self) -> list[tuple[str, str, int]]:
+        """(text before the answer after the question, answer, label 1 = true) for every
+        answer, true ones first: what scoring and feature reading iterate over."""
+        rows = [(a, 1) for a in self.correct] + [(a, 0) for a in self.incorrect]
+        ctx = self.contexts or ("",) * len(rows)
+        return [(c, a, label) for c, (a, label) in zip(ctx, rows)]
 
 
 def _split_answers(cell: str) -> tuple[str, ...]:
@@ -241,12 +261,112 @@ def qa_examples(
     """
     texts, labels, groups = [], [], []
     for g, q in enumerate(questions):
-        for label, answers in ((1, q.correct), (0, q.incorrect)):
-            for a in answers:
-                texts.append(template.format(question=q.question, answer=a))
-                labels.append(label)
-                groups.append(g)
+        for ctx, a, label in q.answers():
+            texts.append(template.format(question=q.question + ctx, answer=a))
+            labels.append(label)
+            groups.append(g)
     return texts, labels, groups
+
+
+# ---------------------------------------------------------------------------------------
+# multiple-choice accuracy sets (../shared/data/mc, MMLU as A/B), as MCQuestion records
+
+
+@dataclass(frozen=True)
+class MCSet:
+    """A multiple-choice dataset steerbench knows by name, and its zero-shot prompt.
+
+    ``prompt`` names a template in ``truthfulqa.PROMPTS`` (``{question}`` is the record's
+    question, followed by the scored answer after a space); ``features`` is the text at
+    whose last token methods read activations (ITI, SADI)."""
+
+    name: str
+    path: str  # under ../shared/data
+    prompt: str
+    features: str
+    about: str
+
+
+MC_SETS = {
+    "truthfulqa": MCSet("truthfulqa", "truthfulqa/TruthfulQA.csv", "instruction+primer", "Q: {question} A: {answer}",
+                        "TruthfulQA, 817 questions; MC1/MC2/MC3"),
+    "copa": MCSet("copa", "mc/copa/copa_val.jsonl", "copa", "{question} {answer}",
+                  "COPA validation, 100 items: premise + 'because'/'therefore', two alternatives"),
+    "winogrande": MCSet("winogrande", "mc/winogrande/winogrande_dev.jsonl", "winogrande", "{question} {answer}",
+                        "WinoGrande dev, 1,267 items: the blank filled by each option, the rest of the sentence scored"),
+    "boolq": MCSet("boolq", "mc/boolq/boolq_val.jsonl", "boolq", "{question}\nAnswer: {answer}",
+                   "BoolQ dev, 3,270 items: passage and question, answer no / yes"),
+    "mmlu": MCSet("mmlu", "caa/test/mmlu/mmlu.json", "mmlu", "{question}\nAnswer: {answer}",
+                  "MMLU as A/B, 570 items: question with two choices, answer (A) / (B)"),
+}
+
+
+def _one_gold(question: str, choices: Sequence[str], gold: int, contexts: Sequence[str] = ()) -> MCQuestion:
+    if not 0 <= gold < len(choices):
+        raise DatasetError(f"gold {gold} is not an index of {len(choices)} choices")
+    others = [k for k in range(len(choices)) if k != gold]
+    ctx = tuple(contexts[k] for k in [gold, *others]) if contexts else ()
+    return MCQuestion(question, choices[gold], (choices[gold],), tuple(choices[k] for k in others), contexts=ctx)
+
+
+def _mc_record(rec: dict, where: str) -> MCQuestion:
+    try:
+        if "context_options" in rec:  # WinoGrande (partial scoring): the shared rest of the sentence is scored
+            options = [str(o) for o in rec["context_options"]]
+            cut = os.path.commonprefix(options)
+            cut = cut[: cut.rfind(" ") + 1] if " " in cut else ""
+            cont = str(rec["continuation"]).strip()
+            return _one_gold(cut, [cont] * len(options), int(rec["gold"]), [o[len(cut):] for o in options])
+        if "query" in rec:  # COPA, BoolQ (llm-foundry format)
+            return _one_gold(str(rec["query"]).strip(), [str(c).strip() for c in rec["choices"]], int(rec["gold"]))
+        if "prompt" in rec:  # MMLU as A/B (CAA format)
+            return MCQuestion(str(rec["prompt"]).strip(), str(rec["correct"]).strip(), (str(rec["correct"]).strip(),),
+                              (str(rec["incorrect"]).strip(),), category=str(rec.get("category", "")))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{where}: {e}") from None
+    raise DatasetError(f"{where}: not a multiple-choice record (expected query/choices/gold, "
+                       "context_options/continuation/gold or prompt/correct/incorrect)")
+
+
+def load_mc(name: str | os.PathLike = "truthfulqa", limit: int | None = None, seed: int = 42) -> list[MCQuestion]:
+    """A multiple-choice set by name (``MC_SETS``: truthfulqa, copa, winogrande, boolq, mmlu;
+    ``misconceptions``: the embedded TruthfulQA-format set) or path (a TruthfulQA-format
+    CSV, or JSON / JSON-lines records in the formats of ../shared/data/mc and MMLU).
+
+    ``limit``: TruthfulQA-format CSVs keep their first ``limit`` questions (as before);
+    the other sets a seeded random subset of ``limit`` items, in file order.
+    """
+    key = str(name)
+    if key == "misconceptions" or key == "truthfulqa" or key.endswith(".csv"):
+        return load_truthfulqa(None if key == "truthfulqa" else key, limit=limit)
+    p = shared_dir() / MC_SETS[key].path if key in MC_SETS else Path(key)
+    if not p.exists():
+        raise DatasetError(f"dataset file not found: {p} (known sets: {', '.join(MC_SETS)}, misconceptions)")
+    text = p.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text) if p.suffix == ".json" else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{p.name}: not valid JSON ({e})") from None
+    out = [_mc_record(r, f"{p.name} record {i + 1}") for i, r in enumerate(records)]
+    if not out:
+        raise DatasetError(f"{p} has no items")
+    if limit is not None and limit < len(out):
+        import numpy as np
+
+        keep = sorted(np.random.default_rng(seed).choice(len(out), size=limit, replace=False).tolist())
+        out = [out[i] for i in keep]
+    return out
+
+
+def mc_set(name: str | os.PathLike) -> MCSet:
+    """The set's prompt and feature templates (TruthfulQA's for TruthfulQA-format CSVs and
+    unknown files, with the plain zero-shot templates for JSON records)."""
+    key = str(name)
+    if key in MC_SETS:
+        return MC_SETS[key]
+    if key == "misconceptions" or key.endswith(".csv"):
+        return dataclasses.replace(MC_SETS["truthfulqa"], name=Path(key).stem, path=key)
+    return MCSet(Path(key).stem, key, "copa", "{question} {answer}", f"multiple-choice records from {key}")
 
 
 def neutral_texts(path: str | os.PathLike | None = None) -> list[str]:

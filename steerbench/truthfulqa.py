@@ -52,6 +52,11 @@ PROMPTS = {
     "instruction+primer": INSTRUCTION + "\n\n" + QA_PRIMER + "\n\nQ: {question}\nA:",
     "primer": QA_PRIMER + "\n\nQ: {question}\nA:",
     "plain": "Q: {question}\nA:",
+    # zero-shot templates of the accuracy sets (datasets.MC_SETS); the answer follows after a space
+    "copa": "{question}",  # "The man turned on the faucet, therefore" + " water flowed from the spout."
+    "winogrande": "{question}",  # the sentence up to its blank, filled in, + " the rest of the sentence"
+    "boolq": "{question}\nAnswer:",  # "Passage: ...\nQuestion: ...?\nAnswer:" + " yes" / " no"
+    "mmlu": "{question}\nAnswer:",  # question, "Choices:\n(A) ...\n(B) ...", "Answer:" + " (A)" / " (B)"
 }
 
 
@@ -102,10 +107,12 @@ def mc_items(model: Model, questions: Sequence[MCQuestion], prompt: str = "instr
         raise ValueError(f"prompt must name one of {sorted(PROMPTS)} or contain '{{question}}'")
     prompts, conts = [], []
     for q in questions:
-        ids = model.encode(template.format(question=q.question))
-        p = Prompt(ids=ids, steer_from=len(ids) - 1)
-        for ans in (*q.correct, *q.incorrect):
-            prompts.append(p)
+        made: dict[str, Prompt] = {}
+        for ctx, ans, _ in q.answers():
+            if ctx not in made:
+                ids = model.encode(template.format(question=q.question + ctx))
+                made[ctx] = Prompt(ids=ids, steer_from=len(ids) - 1)
+            prompts.append(made[ctx])
             conts.append(_answer_ids(model, ans))
     return prompts, conts
 

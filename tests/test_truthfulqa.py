@@ -59,3 +59,22 @@ def test_bad_prompt_and_empty_input(model):
         mc_score(model, [q], prompt="no placeholder")
     with pytest.raises(ValueError, match="no questions"):
         mc_score(model, [])
+
+
+def test_partial_scoring_of_winogrande_equals_naive_scoring(model):
+    """Each option's sentence up to the blank is the prompt; the shared rest is scored."""
+    from steerbench.datasets import load_mc
+
+    items = load_mc("winogrande")[:3]
+    res = mc_score(model, items, prompt="winogrande")
+    for q, got in zip(items, res.per_question):
+        scores = []
+        for ctx, ans, _ in q.answers():
+            ids = model.encode(q.question + ctx)
+            cont = model.encode(" " + ans, bos=False)
+            with torch.no_grad():
+                logits = model.hf_model(torch.tensor([ids + cont])).logits[0]
+            ls = torch.log_softmax(logits[len(ids) - 1 : -1].double(), -1)
+            scores.append(float(ls.gather(-1, torch.tensor(cont)[:, None]).sum()))
+        assert got[0] == float(scores[0] > scores[1])
+        assert abs(got[1] - 1 / (1 + math.exp(scores[1] - scores[0]))) < 1e-4
