@@ -3,7 +3,16 @@
 __version__ = "0.1.0"
 
 from steerbench.activations import collect, collect_heads, collect_resid
-from steerbench.datasets import ABItem, MCQuestion, behavior, load_ab, load_open_ended, load_truthfulqa, qa_examples
+from steerbench.datasets import (
+    ABItem,
+    MCQuestion,
+    behavior,
+    load_ab,
+    load_mc,
+    load_open_ended,
+    load_truthfulqa,
+    qa_examples,
+)
 from steerbench.generation import Generation, Trace, generate
 from steerbench.model import Model, Prompt, load_model
 from steerbench.passes import SharedPrefix, forward_batch
@@ -11,6 +20,7 @@ from steerbench.steering import (
     CAA,
     FASB,
     ITI,
+    SADI,
     Decision,
     HeadProbes,
     HeadReadout,
@@ -28,6 +38,7 @@ __all__ = [
     "HeadReadout",
     "HeadShift",
     "ITI",
+    "SADI",
     "Decision",
     "Generation",
     "Model",
@@ -44,6 +55,7 @@ __all__ = [
     "forward_batch",
     "generate",
     "load_ab",
+    "load_mc",
     "load_model",
     "load_open_ended",
     "load_truthfulqa",

@@ -30,16 +30,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from steerbench.activations import collect_heads
+from steerbench.activations import collect_heads, collect_resid
 from steerbench.artifacts import load_artifact, save_artifact
 from steerbench.datasets import MCQuestion, neutral_texts, qa_examples
 from steerbench.evaluation import kl_to_unsteered
 from steerbench.model import Model, cache_dir
 from steerbench.probes import group_split
 from steerbench.steerer import Steerer
+from steerbench.steering.caa import CAA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
-from steerbench.truthfulqa import PROMPTS, MCResult, mc_mode_scores, mc_scores
+from steerbench.steering.sadi import SADI, contrast, element_activations
+from steerbench.truthfulqa import PROMPTS, MCResult, mc_items, mc_mode_scores, mc_scores
 
 METRICS = ("mc1", "mc2", "mc3")
 
@@ -73,14 +75,26 @@ def inner_split(train: Sequence[int], val_fraction: float = 0.2, seed: int = 42)
 # head activations, collected once for all folds and methods
 
 
-class HeadActivations:
-    """Every head's ``hook_z`` at the last token of ``template`` for every answer of
-    ``questions``, collected once (lazily) and sliced per fold; cached on disk by model
-    fingerprint, questions and template unless ``cache=False``."""
+KINDS = ("z", "neuron", "hidden", "resid")
+
+
+class AnswerActivations:
+    """One activation per answer of ``questions``, collected once (lazily) and sliced per
+    fold; cached on disk by model fingerprint, questions, kind and template unless
+    ``cache=False``. ``kind``:
+
+    - ``"z"``: every head's ``hook_z`` at the last token of ``template`` (ITI, FASB, SADI-HEAD);
+    - ``"neuron"`` / ``"hidden"``: SADI's MLP elements at that token (``sadi.element_activations``);
+    - ``"resid"``: the residual stream after every block, averaged over the answer's tokens
+      of the scored sequence (``prompt`` then the answer: what CAA reads).
+    """
 
     def __init__(self, model: Model, questions: Sequence[MCQuestion], template: str = TEMPLATE,
-                 cache: bool = True, batch_size: int = 16, progress: bool | None = None):
-        self.model, self.questions, self.template = model, list(questions), template
+                 cache: bool = True, batch_size: int = 16, progress: bool | None = None, kind: str = "z",
+                 prompt: str = "instruction+primer"):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.model, self.questions, self.template, self.kind, self.prompt = model, list(questions), template, kind, prompt
         self.cache, self.batch_size, self.progress = cache, batch_size, progress
         self._acts: torch.Tensor | None = None
         self._rows: dict[MCQuestion, range] = {}
@@ -93,10 +107,24 @@ class HeadActivations:
 
     def path(self) -> Path:
         fp = self.model.fingerprint()
-        key = hashlib.sha256(
-            json.dumps([fp.get("weights_sha256"), fp.get("model_name"), questions_hash(self.questions), self.template]).encode()
-        ).hexdigest()[:16]
-        return cache_dir() / "activations" / f"heads-{key}.safetensors"
+        what = self.template if self.kind != "resid" else PROMPTS.get(self.prompt, self.prompt)
+        parts = [fp.get("weights_sha256"), fp.get("model_name"), questions_hash(self.questions), what]
+        if self.kind != "z":  # (keys of "z" caches written before kinds existed stay valid)
+            parts.append(self.kind)
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+        return cache_dir() / "activations" / f"{'heads' if self.kind == 'z' else self.kind}-{key}.safetensors"
+
+    def _collect(self) -> torch.Tensor:
+        if self.kind == "resid":
+            prompts, conts = mc_items(self.model, self.questions, self.prompt)
+            seqs = [list(p.ids) + list(c) for p, c in zip(prompts, conts)]
+            spans = [(len(p.ids), len(p.ids) + len(c)) for p, c in zip(prompts, conts)]
+            return collect_resid(self.model, seqs, position="mean", spans=spans, batch_size=self.batch_size,
+                                 progress=self.progress)
+        texts, _, _ = qa_examples(self.questions, self.template)
+        if self.kind == "z":
+            return collect_heads(self.model, texts, batch_size=self.batch_size, progress=self.progress)
+        return element_activations(self.model, texts, self.kind, batch_size=self.batch_size, progress=self.progress)
 
     def all(self) -> torch.Tensor:
         if self._acts is None:
@@ -105,16 +133,15 @@ class HeadActivations:
                 self._acts = load_artifact(p)[0]["z"]
             else:
                 t0 = time.perf_counter()
-                texts, _, _ = qa_examples(self.questions, self.template)
-                self._acts = collect_heads(self.model, texts, batch_size=self.batch_size, progress=self.progress)
+                self._acts = self._collect()
                 self.seconds = time.perf_counter() - t0
                 if self.cache:
-                    save_artifact(p, {"z": self._acts}, {"what": "hook_z at the last token", "template": self.template,
+                    save_artifact(p, {"z": self._acts}, {"what": f"{self.kind} per answer", "template": self.template,
                                                          "fitted_on": self.model.fingerprint()})
         return self._acts
 
     def of(self, questions: Sequence[MCQuestion]) -> torch.Tensor:
-        """Rows of ``questions`` in ``qa_examples`` order: [N_answers, n_layers, n_heads, d_head]."""
+        """Rows of ``questions`` in ``qa_examples`` order: [N_answers, n_layers, ...]."""
         missing = [q.question for q in questions if q not in self._rows]
         if missing:
             raise KeyError(f"no activations for question {missing[0]!r}")
@@ -133,8 +160,22 @@ class FitData:
     model: Model
     fit: list[MCQuestion]
     val: list[MCQuestion]
-    heads: HeadActivations
+    heads: AnswerActivations
+    template: str = TEMPLATE  # the text activations are read from (ITI, SADI)
+    prompt: str = "instruction+primer"  # the scoring prompt
+    store: dict[str, AnswerActivations] = field(default_factory=dict)  # other kinds, shared by every fold
     _probes: HeadProbes | None = None
+
+    def answers(self, kind: str) -> AnswerActivations:
+        """Per-answer activations of ``kind`` (collected once for all folds; slice with ``.of``)."""
+        if kind == "z":
+            return self.heads
+        if kind not in self.store:
+            h = self.heads
+            self.store[kind] = AnswerActivations(self.model, h.questions, self.template, cache=h.cache,
+                                                 batch_size=h.batch_size, progress=h.progress, kind=kind,
+                                                 prompt=self.prompt)
+        return self.store[kind]
 
     def probes(self) -> HeadProbes:
         """Head probes trained on the fit questions, heads ranked on validation (shared by methods)."""
@@ -218,6 +259,71 @@ class FASBMethod(Method):
     def score(self, model, questions, steers, prompt, batch_size):
         # each result's info holds MC mode's interventions (share re-scored, strengths, first flags)
         return [mc_mode_scores(model, questions, s, prompt=prompt, batch_size=batch_size).result for s in steers]
+
+
+@register
+class CAAMethod(Method):
+    name = "caa"
+    description = ("CAA fitted on each fold's training items: residual stream averaged over the answer tokens, "
+                   "prompt + true answer minus prompt + false answer; one layer steered from the last prompt token")
+    grid = {"layer": [0.25, 0.5, 0.75], "multiplier": [1.0, 2.0, 4.0, 8.0]}  # layer: a fraction of the depth
+
+    def candidates(self, data, grid):
+        texts, labels, groups = qa_examples(data.fit, data.template)  # (labels and groups; texts unused)
+        vectors = contrast(data.answers("resid").of(data.fit), labels, groups)
+        fp = data.model.fingerprint()
+        out = []
+        for frac in grid["layer"]:
+            layer = min(data.model.n_layers - 1, round(float(frac) * (data.model.n_layers - 1)))
+            for m in grid["multiplier"]:
+                out.append(({"layer": layer, "multiplier": float(m)},
+                            CAA(vectors, layer, strength=float(m), read="answer", fitted_on=fp,
+                                info={"fitted": "benchmark fold", "n_items": len(data.fit), "prompt": data.prompt})))
+        return out
+
+
+class SADIMethod(Method):
+    """SADI on one element type (reference reading: the clean activation scaled at the
+    last prompt position, every layer's site reset); K and delta chosen on validation."""
+
+    elements = "head"
+
+    def candidates(self, data, grid):
+        _, labels, groups = qa_examples(data.fit, data.template)
+        if self.elements == "head":
+            z = data.heads.of(data.fit)
+            acts = z.reshape(*z.shape[:3], -1).float().mean(-1)
+        else:
+            acts = data.answers(self.elements).of(data.fit)
+        base = SADI(contrast(acts, labels, groups), k=1, elements=self.elements,
+                    d_head=data.model.d_head if self.elements == "head" else 0, fitted_on=data.model.fingerprint(),
+                    info={"fitted": "benchmark fold", "n_items": len(data.fit), "template": data.template})
+        return [({"k": int(k), "delta": float(d)}, base.select(int(k), float(d)))
+                for k in grid["k"] for d in grid["delta"]]
+
+
+@register
+class SADIHead(SADIMethod):
+    name = "sadi"
+    description = "SADI-HEAD: the K heads with the largest mean(true - false) scaled by 1 + delta at the last prompt token"
+    elements = "head"
+    grid = {"k": [1, 2, 4, 6, 8, 10], "delta": [2.0, 5.0, 10.0, 20.0, 40.0, 80.0]}  # the reference K; delta 5..80 and 2
+
+
+@register
+class SADINeuron(SADIMethod):
+    name = "sadi-neuron"
+    description = "SADI-NEURON: MLP neurons act(gate), scaled on mlp.hook_post"
+    elements = "neuron"
+    grid = {"k": [3, 10, 30, 100, 300, 500], "delta": [10.0, 30.0, 50.0, 90.0]}  # reference K 3..500, delta 10..90
+
+
+@register
+class SADIHidden(SADIMethod):
+    name = "sadi-hidden"
+    description = "SADI-HIDDEN: MLP output dimensions (hook_mlp_out)"
+    elements = "hidden"
+    grid = {"k": [1, 2, 4, 8, 12, 20], "delta": [5.0, 10.0, 20.0, 40.0, 80.0]}  # reference K 1..20, delta 5..80
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
@@ -304,7 +410,8 @@ def run_bench(
     select: str = "mc2",
     kl_texts: Sequence[str] | None = None,
     batch_size: int = 16,
-    heads: HeadActivations | None = None,
+    heads: AnswerActivations | None = None,
+    template: str = TEMPLATE,
     generate: int = 0,
     max_new_tokens: int = 50,
     max_kl: float | None = None,
@@ -329,7 +436,10 @@ def run_bench(
         raise ValueError(f"select must be one of {METRICS}, got {select!r}")
     questions = list(questions)
     folds = question_folds(len(questions), n_folds, seed)
-    heads = heads or HeadActivations(model, questions)
+    heads = heads or AnswerActivations(model, questions, template)
+    if heads.template != template:
+        raise ValueError(f"the head activations were read from {heads.template!r}, not from the template {template!r}")
+    store: dict[str, AnswerActivations] = {}
     kl_texts = neutral_texts() if kl_texts is None else list(kl_texts)
     grids = grids or {}
     rows: list[dict] = []
@@ -337,14 +447,15 @@ def run_bench(
     t_all = time.perf_counter()
     for f, (train, test) in enumerate(folds):
         fit_idx, val_idx = inner_split(train, val_fraction, seed)
-        data = FitData(model, [questions[i] for i in fit_idx], [questions[i] for i in val_idx], heads)
+        data = FitData(model, [questions[i] for i in fit_idx], [questions[i] for i in val_idx], heads, template, prompt,
+                       store)
         test_q = [questions[i] for i in test]
         n_answers = sum(len(q.correct) + len(q.incorrect) for q in test_q)
         for name in methods:
             method = METHODS[name]
             grid = {**method.grid, **grids.get(name, {})}
             t0 = time.perf_counter()
-            collected = heads.seconds
+            collected = heads.seconds + sum(a.seconds for a in store.values())
             cands = method.candidates(data, grid)
             val_scores: list[float] = []
             val_kl: list[float] = []
@@ -369,7 +480,8 @@ def run_bench(
                 kl_txt = f"  KL {val_kl[j]:.3f}" if val_kl else ""
                 mark = "  <- chosen" if j == best else ""
                 log(f"  fold {f} {name} val {_fmt_params(p)}: {select.upper()} {v:.3f}{kl_txt}{mark}")
-            fit_s = time.perf_counter() - t0 - (heads.seconds - collected)  # activation collection is shared
+            # activation collection is shared by every method and fold: reported apart (config)
+            fit_s = time.perf_counter() - t0 - (heads.seconds + sum(a.seconds for a in store.values()) - collected)
             t0 = time.perf_counter()
             test_res = method.score(model, test_q, [steer], prompt, batch_size)[0]
             score_s = time.perf_counter() - t0
@@ -393,10 +505,14 @@ def run_bench(
                 f"MC3 {test_res.mc3:.3f}  KL {kl:.4f}{gen_txt}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
     config = {
         "n_questions": len(questions), "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
-        "prompt": prompt, "select": select, "methods": list(methods), "model": model.name,
+        "prompt": prompt, "prompt_template": PROMPTS.get(prompt, prompt), "feature_template": template,
+        "selection": f"hyperparameters chosen on validation items only (by {select.upper()}), never on the test fold",
+        "select": select, "methods": list(methods), "model": model.name,
         "generate": generate, "max_new_tokens": max_new_tokens, "max_kl": max_kl,
         "grids": {m: {**METHODS[m].grid, **grids.get(m, {})} for m in methods},
-        "head_collection_s": heads.seconds, "total_s": time.perf_counter() - t_all,
+        "head_collection_s": heads.seconds,
+        "collection_s": {"z": heads.seconds, **{k: a.seconds for k, a in store.items()}},
+        "total_s": time.perf_counter() - t_all,
         "splits": [{"train": tr, "test": te} for tr, te in folds],
     }
     return BenchResult(rows, per_question, config)

@@ -82,7 +82,8 @@ def bench(args: argparse.Namespace) -> int:
 
     import steerbench as sb
     from steerbench import plots
-    from steerbench.benchmark import HeadActivations, parse_grid, run_bench
+    from steerbench.benchmark import AnswerActivations, parse_grid, run_bench
+    from steerbench.datasets import load_mc, mc_set
     from steerbench.report import write_page
 
     t0 = time.time()
@@ -91,26 +92,31 @@ def bench(args: argparse.Namespace) -> int:
     (out / "rows.jsonl").unlink(missing_ok=True)
     grids = parse_grid(args.set)  # fail on a typo before loading anything
     model = sb.load_model(args.model)
-    data = None if args.data == "truthfulqa" else args.data
-    every = sb.load_truthfulqa(data)
-    questions = every[: args.limit] if args.limit is not None else every
-    print(f"[{time.time() - t0:6.1f}s] {model}; {len(questions)} questions from {args.data}; "
-          f"{args.folds}-fold CV by question, {1 - args.val_fraction:.0%}/{args.val_fraction:.0%} fit/val inside each fold")
-    heads = HeadActivations(model, questions, cache=not args.no_cache, progress=True)
-    whole = HeadActivations(model, every, progress=True)
+    spec = mc_set(args.data)
+    prompt = args.prompt or spec.prompt
+    every = load_mc(args.data)
+    questions = load_mc(args.data, limit=args.limit, seed=args.seed) if args.limit is not None else every
+    print(f"[{time.time() - t0:6.1f}s] {model}; {len(questions)} items from {args.data} (prompt {prompt!r}); "
+          f"{args.folds}-fold CV by item, {1 - args.val_fraction:.0%}/{args.val_fraction:.0%} fit/val inside each fold")
+    heads = AnswerActivations(model, questions, spec.features, cache=not args.no_cache, progress=True)
+    whole = AnswerActivations(model, every, spec.features, progress=True)
     if not args.no_cache and whole.path().exists():
         heads = whole  # a run on a subset reuses activations cached for the whole file
     result = run_bench(
         model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
-        prompt=args.prompt, grids=grids, select=args.select, batch_size=args.batch_size,
-        heads=heads,
+        prompt=prompt, grids=grids, select=args.select, batch_size=args.batch_size,
+        heads=heads, template=spec.features,
         generate=args.generate, max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
         on_row=lambda row: log_row(out / "rows.jsonl", row),
     )
     table = result.summary()
     print()
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    result.config["title"] = f"{args.data}: MC scores, {args.folds}-fold CV ({model.name})"
+    result.config["data"] = args.data
+    result.config["limit"] = args.limit
+    metric = "MC1 / MC2 / MC3" if spec.name in ("truthfulqa", "misconceptions") else "accuracy (= MC1)"
+    result.config["title"] = (f"{args.data}: {metric}, {args.folds}-fold CV ({model.name}); prompt {prompt!r}; "
+                              "hyperparameters chosen on validation items only")
     result.to_json(out / "results.json")
     long_fields = ("val", "answers", "strengths", "mc_strengths", "mc_first_flag")
     pd_folds = pd.DataFrame([{k: v for k, v in r.items() if k not in long_fields}
@@ -147,17 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--n-test", type=int, default=25, help="held-out A/B items scored per setting")
     d.add_argument("--n-prompts", type=int, default=3, help="open-ended prompts to generate from")
     d.add_argument("--max-new-tokens", type=int, default=40)
-    b = sub.add_parser("bench", help="compare steering methods on TruthfulQA-format data with cross-validation")
+    b = sub.add_parser("bench", help="compare steering methods on multiple-choice data (TruthfulQA, COPA, WinoGrande, "
+                                     "BoolQ, MMLU) with cross-validation by item")
     b.add_argument("--methods", nargs="+", default=["baseline", "iti", "fasb"], choices=sorted(METHODS),
                    help="methods to compare (default: %(default)s)")
     b.add_argument("--data", default="truthfulqa",
-                   help="truthfulqa (../shared/data), misconceptions (embedded) or a TruthfulQA-format CSV")
+                   help="truthfulqa, copa, winogrande, boolq, mmlu (../shared/data), misconceptions (embedded), a "
+                        "TruthfulQA-format CSV or multiple-choice JSON(L) records (default: %(default)s)")
     b.add_argument("--model", default=None, help="a model name (default: SmolLM2-135M-Instruct, offline)")
-    b.add_argument("--limit", type=int, default=None, help="use the first N questions (default: all)")
+    b.add_argument("--limit", type=int, default=None,
+                   help="use N items: the first N questions of a TruthfulQA-format CSV, a random subset (seeded by "
+                        "--seed) of the other sets (default: all)")
     b.add_argument("--folds", type=int, default=2)
     b.add_argument("--val-fraction", type=float, default=0.2, help="validation share of each fold's training questions")
     b.add_argument("--seed", type=int, default=42)
-    b.add_argument("--prompt", default="instruction+primer", choices=sorted(PROMPTS))
+    b.add_argument("--prompt", default=None, choices=sorted(PROMPTS),
+                   help="scoring prompt template (default: the set's own: instruction+primer for TruthfulQA, "
+                        "zero-shot templates for the others; docs/benchmarks.md)")
     b.add_argument("--select", default="mc2", choices=["mc1", "mc2", "mc3"], help="validation metric that picks hyperparameters")
     b.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
                    help="override a method's hyperparameter grid, e.g. --set iti.alpha=5,15 (repeatable)")

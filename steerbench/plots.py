@@ -187,6 +187,40 @@ def head_grid(grid: ProbeGrid, metric: str = "val_acc", title: str | None = None
     return fig
 
 
+def sadi_contrast(sadi, title: str | None = None) -> go.Figure:
+    """SADI's contrast D = mean(true - false) for every element: layer (rows) x element
+    (columns), blue where true answers activate the element more, red where false ones do.
+    The K elements SADI scales (the largest positive values) are ringed. ``sadi`` is a
+    fitted :class:`~steerbench.steering.sadi.SADI`."""
+    d = sadi.scores.detach().cpu().double().numpy()
+    n_layers, n_units = d.shape
+    bound = float(np.abs(d).max()) or 1.0
+    unit = {"head": "attention head", "neuron": "MLP neuron", "hidden": "MLP output dimension"}[sadi.elements]
+    fig = go.Figure(
+        go.Heatmap(
+            z=d, x=list(range(n_units)), y=list(range(n_layers)), colorscale=_DIVERGING, zmid=0.0, zmin=-bound,
+            zmax=bound, xgap=1 if n_units <= 64 else 0, ygap=1,
+            colorbar={"title": {"text": "mean(true − false)", "side": "top"}},
+            hovertemplate=f"layer %{{y}}, {unit} %{{x}}<br>D %{{z:.4f}}<extra></extra>",
+        )
+    )
+    picked = sadi.selected()
+    if picked:
+        fig.add_trace(go.Scatter(
+            x=[u for _, u in picked], y=[L for L, _ in picked], mode="markers", name=f"scaled (top {len(picked)})",
+            marker={"symbol": "circle-open", "size": 14 if n_units <= 64 else 9, "color": "black", "line": {"width": 2}},
+            hovertemplate=f"layer %{{y}}, {unit} %{{x}}: scaled by 1 + delta<extra></extra>",
+        ))
+    fig.update_layout(
+        title=title or f"SADI-{sadi.elements.upper()}: which elements true answers activate more", template="plotly_white",
+        xaxis={"title": unit, "dtick": 1 if n_units <= 32 else None, "showgrid": False},
+        yaxis={"title": "layer", "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
+        height=max(380, 22 * n_layers + 180), width=max(520, min(1400, 26 * n_units + 300)),
+        legend={"orientation": "h", "y": -0.15},
+    )
+    return fig
+
+
 # -------------------------------------------------------------------------------------
 # PCA views
 

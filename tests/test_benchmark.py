@@ -5,7 +5,7 @@ import pytest
 import steerbench as sb
 from steerbench.benchmark import (
     METHODS,
-    HeadActivations,
+    AnswerActivations,
     Method,
     inner_split,
     parse_grid,
@@ -52,7 +52,7 @@ def spy():
 
 def test_no_test_question_reaches_fitting_or_selection(model, spy):
     questions = sb.load_truthfulqa("misconceptions")[:12]
-    heads = HeadActivations(model, questions, cache=False)
+    heads = AnswerActivations(model, questions, cache=False)
     read = []
     real_of = heads.of
     heads.of = lambda qs: (read.append(list(qs)), real_of(qs))[1]
@@ -68,11 +68,63 @@ def test_no_test_question_reaches_fitting_or_selection(model, spy):
     assert sorted(res.per_question["spy"]) == list(range(12))
 
 
+def test_no_test_item_reaches_caa_or_sadi_fitting_or_selection(model, monkeypatch):
+    """Every activation a method reads (heads, MLP elements, residual streams) and every
+    item it is scored on during selection is outside the fold's test items."""
+    import steerbench.benchmark as bm
+
+    questions = sb.load_mc("copa")[:12]
+    events: list = []
+    real_split, real_of = bm.inner_split, AnswerActivations.of
+
+    def split(train, *a, **k):
+        events.append(("fold", None))
+        return real_split(train, *a, **k)
+
+    def of(self, qs):
+        events.append((self.kind, list(qs)))
+        return real_of(self, qs)
+
+    monkeypatch.setattr(bm, "inner_split", split)
+    monkeypatch.setattr(AnswerActivations, "of", of)
+    scored = []
+    for name in ("caa", "sadi", "sadi-neuron", "sadi-hidden"):
+        real_score = type(METHODS[name]).score
+
+        def score(self, model, qs, steers, prompt, batch_size, real_score=real_score):
+            scored.append(list(qs))
+            return real_score(self, model, qs, steers, prompt, batch_size)
+
+        monkeypatch.setattr(type(METHODS[name]), "score", score)
+    grids = {"caa": {"layer": [0.5], "multiplier": [1.0, 2.0]}, "sadi": {"k": [1, 2], "delta": [5.0]},
+             "sadi-neuron": {"k": [3], "delta": [10.0, 30.0]}, "sadi-hidden": {"k": [1], "delta": [5.0, 10.0]}}
+    res = run_bench(model, questions, methods=["caa", "sadi", "sadi-neuron", "sadi-hidden"], prompt="copa",
+                    template="{question} {answer}", grids=grids, kl_texts=["A short neutral text."],
+                    heads=AnswerActivations(model, questions, "{question} {answer}", cache=False), log=lambda s: None)
+    tests = [{questions[i] for i in sp["test"]} for sp in res.config["splits"]]
+    fold, kinds = -1, set()
+    for kind, qs in events:
+        if kind == "fold":
+            fold += 1
+            continue
+        kinds.add(kind)
+        assert tests[fold].isdisjoint(qs), f"fold {fold}: {kind} activations of a test item were read"
+    assert kinds == {"z", "neuron", "hidden", "resid"} and fold == 1
+    # selection scored only validation items; the test fold is scored once, with the chosen setting
+    assert len(scored) == 2 * 4 * 2  # per fold and method: validation candidates, then the chosen one on test
+    for f, t in enumerate(tests):
+        for j, qs in enumerate(scored[f * 8:(f + 1) * 8]):
+            assert set(qs) == t if j % 2 else t.isdisjoint(qs)
+    assert all(sorted(res.per_question[m]) == list(range(12)) for m in res.per_question)
+    assert res.config["feature_template"] == "{question} {answer}" and res.config["prompt_template"] == "{question}"
+    assert "validation" in res.config["selection"]
+
+
 def test_iti_bench_end_to_end_on_the_embedded_set(model, tmp_path):
     questions = sb.load_truthfulqa("misconceptions")[:16]
     res = run_bench(model, questions, methods=["baseline", "iti"], prompt="plain",
                     grids={"iti": {"k": [4], "alpha": [0.0, 10.0]}}, kl_texts=sb.datasets.neutral_texts()[:2],
-                    heads=HeadActivations(model, questions, cache=False), log=lambda s: None)
+                    heads=AnswerActivations(model, questions, cache=False), log=lambda s: None)
     table = res.summary()
     assert list(table.method) == ["baseline", "iti"]
     assert table.loc[0, "kl"] == 0.0 and table.loc[0, "chosen"] == "-; -"
@@ -107,7 +159,7 @@ def test_grid_overrides_parse_and_refuse_typos():
 
 def test_max_kl_rules_out_settings_that_move_the_model_too_far(model):
     questions = sb.load_truthfulqa("misconceptions")[:12]
-    heads = HeadActivations(model, questions, cache=False)
+    heads = AnswerActivations(model, questions, cache=False)
     res = run_bench(model, questions, methods=["iti"], prompt="plain", grids={"iti": {"k": [4], "alpha": [0.0, 40.0]}},
                     kl_texts=sb.datasets.neutral_texts()[:1], heads=heads, max_kl=1e-6, log=lambda s: None)
     for r in res.folds:
@@ -117,7 +169,7 @@ def test_max_kl_rules_out_settings_that_move_the_model_too_far(model):
 
 def test_with_nothing_within_the_kl_budget_the_best_of_the_least_kl_settings_is_chosen(model):
     questions = sb.load_truthfulqa("misconceptions")[:12]
-    heads = HeadActivations(model, questions, cache=False)
+    heads = AnswerActivations(model, questions, cache=False)
     # FASB's KL does not depend on the threshold: both thresholds at alpha 5 tie on KL
     grid = {"k": [4], "alpha": [5.0, 40.0], "threshold": [0.0, 1.0], "backtrack": [2]}
     res = run_bench(model, questions, methods=["fasb"], prompt="plain", grids={"fasb": grid},

@@ -40,3 +40,17 @@ def test_bench_writes_results_and_refuses_a_bad_grid_before_loading(model, tmp_p
     assert "plotly" in (out / "report.html").read_text() and (out / "folds.csv").exists()
     printed = capsys.readouterr().out
     assert "mc2" in printed and "baseline" in printed
+
+
+def test_bench_on_an_accuracy_set_with_caa_and_sadi(model, tmp_path):
+    out = tmp_path / "copa"
+    rc = main(["bench", "--data", "copa", "--limit", "12", "--methods", "baseline", "caa", "sadi", "--no-cache",
+               "--set", "caa.layer=0.5", "--set", "caa.multiplier=1", "--set", "sadi.k=1,2", "--set", "sadi.delta=5",
+               "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [s["method"] for s in data["summary"]] == ["baseline", "caa", "sadi"]
+    cfg = data["config"]
+    assert cfg["prompt"] == "copa" and cfg["prompt_template"] == "{question}" and cfg["n_questions"] == 12
+    assert "accuracy" in cfg["title"] and "validation" in cfg["title"]
+    assert data["folds"][2]["describe"].startswith("SADI-HEAD(K=")

@@ -7,8 +7,10 @@ from steerbench.blocks import (
     LAST_PROMPT_TOKEN,
     Add,
     AddGated,
+    AnyOf,
     FromState,
     Intervention,
+    ScaleClean,
     ScaleMasked,
     Site,
 )
@@ -16,9 +18,10 @@ from steerbench.steerer import Decision, Flagger, Steerer, StepContext, StepStat
 from steerbench.steering.caa import CAA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import ITI, HeadProbes, HeadReadout, HeadShift
+from steerbench.steering.sadi import SADI
 
 __all__ = [
-    "CAA", "FASB", "HeadProbes", "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
-    "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "AddGated", "FromState",
+    "CAA", "FASB", "SADI", "HeadProbes", "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
+    "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "ScaleClean", "AddGated", "AnyOf", "FromState",
     "FROM_INSTRUCTION", "LAST_PROMPT_TOKEN", "GENERATED",
 ]
