@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steerbench.model import Model, Prompt
-from steerbench.passes import forward_batch
+from steerbench.passes import forward_batch, length_batches
 from steerbench.steerer import Steerer
 
 Position = str | int
@@ -105,7 +105,6 @@ def collect(
         if short:
             raise ValueError(f"position {position} is before the start of input {short[0]}")
 
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     stop = _stop_layer(hooks)
     out: dict[str, list] = {h: [None] * len(encoded) for h in hooks}
     # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
@@ -113,7 +112,7 @@ def collect(
     for name in hooks:
         names_at.setdefault(id(model.bridge.hook_dict[name]), []).append(name)
     sites = [names[0] for names in names_at.values()]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(ids) for ids, _ in encoded], batch_size)
     show = progress if progress is not None else len(batches) > 4
     for idx in tqdm(batches, desc="collect", disable=not show, leave=False):
         seqs = [encoded[i][0] for i in idx]

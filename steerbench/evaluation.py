@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from steerbench.datasets import ABItem
 from steerbench.model import Model, Prompt
-from steerbench.passes import SharedPrefix, forward_batch, steered_suffixes
+from steerbench.passes import SharedPrefix, forward_batch, length_batches, steered_suffixes
 from steerbench.steerer import Flagger, Steerer, refuse_observing
 
 
@@ -68,9 +68,8 @@ def continuation_logprobs_many(
     out = torch.empty(len(steers), len(prompts), dtype=torch.float64)
     # a prefix all prompts share (instruction, few-shot primer) is computed once for all batches
     head = SharedPrefix.of(model, [p.ids for p in prompts], limit=min(_split(p) for p in prompts) - 1)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
-    for chunk in tqdm(list(_batches(len(order), batch_size)), disable=not progress, leave=False):
-        idx = [order[i] for i in chunk]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, continuations)]
+    for idx in tqdm(length_batches(lengths, batch_size), disable=not progress, leave=False):
         seqs = [list(prompts[i].ids) + list(continuations[i]) for i in idx]
         split = [_split(prompts[i]) for i in idx]
         targets = [torch.as_tensor(list(continuations[i]), device=model.device) for i in idx]
@@ -132,9 +131,7 @@ def flagged_logprobs(
             out.append(float(lp.gather(-1, torch.as_tensor(list(continuations[i]))[:, None]).sum()))
         return out
 
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for at in range(0, len(order), batch_size):
-        idx = order[at : at + batch_size]
+    for idx in length_batches([len(x) for x in seqs], batch_size):
         store: dict = {}
         sp = [split[i] for i in idx]
         (_, logits), = steered_suffixes(model, [seqs[i] for i in idx], sp, sp, [None], prefix,

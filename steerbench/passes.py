@@ -123,6 +123,27 @@ def _clean_prepass(model: Model, ctx: StepContext, ids: torch.Tensor, cache: Any
 # -------------------------------------------------------------------------------------
 # batched forward with left padding
 
+# Rows x padded width a batch may hold. Memory grows with rows x width^2 (eager attention
+# over every layer): sixteen 600-token BoolQ passages at once took the process past 24 GB,
+# while the short texts of the other sets stay far below this (16 x 250 tokens).
+MAX_BATCH_TOKENS = 4096
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices into ``lengths``, shortest first, cut into batches of at most ``batch_size``
+    rows and at most ``max_tokens`` rows x longest row (one row always fits)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        cur = out[-1] if out else None
+        if cur is not None and len(cur) < batch_size and (len(cur) + 1) * lengths[i] <= max_tokens:
+            cur.append(i)
+        else:
+            out.append([i])
+    return out
+
+
 
 @dataclass
 class Batch:

@@ -61,3 +61,16 @@ def test_bad_input(model, kwargs, message):
     args = {"inputs": TEXTS, "hooks": HOOKS, **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
         sb.collect(model, args.pop("inputs"), args.pop("hooks"), **args)
+
+
+def test_batches_keep_rows_times_width_under_the_token_budget():
+    from steerbench.passes import length_batches
+
+    lengths = [5, 600, 10, 300, 7, 600, 250, 250]
+    batches = length_batches(lengths, batch_size=3, max_tokens=1000)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 1000)
+    assert [lengths[b[0]] for b in batches] == sorted(lengths[b[0]] for b in batches)  # shortest first
+    assert length_batches([4000, 5000], 16, max_tokens=1000) == [[0], [1]]  # a long row still runs, alone
+    assert length_batches([3] * 5, 2) == [[0, 1], [2, 3], [4]]
