@@ -40,7 +40,7 @@ from steerbench.steerer import Steerer
 from steerbench.steering.caa import CAA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
-from steerbench.steering.sadi import SADI, contrast, element_activations
+from steerbench.steering.sadi import SADI, contrast, element_activations, head_means
 from steerbench.truthfulqa import PROMPTS, MCResult, mc_items, mc_mode_scores, mc_scores
 
 METRICS = ("mc1", "mc2", "mc3")
@@ -269,7 +269,7 @@ class CAAMethod(Method):
     grid = {"layer": [0.25, 0.5, 0.75], "multiplier": [1.0, 2.0, 4.0, 8.0]}  # layer: a fraction of the depth
 
     def candidates(self, data, grid):
-        texts, labels, groups = qa_examples(data.fit, data.template)  # (labels and groups; texts unused)
+        _, labels, groups = qa_examples(data.fit, data.template)
         vectors = contrast(data.answers("resid").of(data.fit), labels, groups)
         fp = data.model.fingerprint()
         out = []
@@ -291,8 +291,7 @@ class SADIMethod(Method):
     def candidates(self, data, grid):
         _, labels, groups = qa_examples(data.fit, data.template)
         if self.elements == "head":
-            z = data.heads.of(data.fit)
-            acts = z.reshape(*z.shape[:3], -1).float().mean(-1)
+            acts = head_means(data.heads.of(data.fit), data.model.n_heads)
         else:
             acts = data.answers(self.elements).of(data.fit)
         base = SADI(contrast(acts, labels, groups), k=1, elements=self.elements,

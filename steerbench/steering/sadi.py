@@ -99,12 +99,18 @@ def element_activations(model: Model, texts: Sequence[str], elements: str, batch
     acts = collect(model, list(texts), hooks, position="last", batch_size=batch_size, progress=progress)
     x = torch.stack([acts[h] for h in hooks], dim=1).float()
     if elements == "head":
-        return x.reshape(x.shape[0], model.n_layers, model.n_heads, -1).mean(-1)
+        return head_means(x, model.n_heads)
     if elements == "neuron" and _gated(model):
         from transformer_lens.model_bridge.generalized_components.gated_mlp import resolve_activation_fn
 
         return resolve_activation_fn(model.bridge.blocks[0].mlp.config)(x)
     return x
+
+
+def head_means(z: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """SADI's head elements from ``hook_z`` activations ``[N, n_layers, ...]`` (heads split
+    or flat): each head's output averaged over d_head, ``[N, n_layers, n_heads]``."""
+    return z.reshape(*z.shape[:2], n_heads, -1).float().mean(-1)
 
 
 def contrast(acts: torch.Tensor, labels: Sequence[int], groups: Sequence[int]) -> torch.Tensor:
