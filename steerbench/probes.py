@@ -161,7 +161,7 @@ def _check_labels(labels, n: int) -> np.ndarray:
     return y.astype(np.float64)
 
 
-def _auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def roc_auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Exact ROC AUC per row of scores [S, n] for labels y [n] (ties count 1/2, as roc_auc_score)."""
     n_pos = float(y.sum())
     n_neg = y.numel() - n_pos
@@ -329,7 +329,7 @@ def fit_probes(
     logit_va = torch.bmm(z_va, W[:, :, None])[..., 0] + b[:, None]
     train_acc = ((logit_tr > 0).to(torch.float64) == y_tr).to(torch.float64).mean(1)
     val_acc = ((logit_va > 0).to(torch.float64) == y_va).to(torch.float64).mean(1)
-    val_auc = _auc(logit_va, y_va)
+    val_auc = roc_auc(logit_va, y_va)
 
     directions = F.normalize(W / std, dim=-1)
     mass_mean = F.normalize(mass_mean, dim=-1)

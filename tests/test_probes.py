@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from steerbench.probes import ProbeGrid, _auc, fit_probes, group_split
+from steerbench.probes import ProbeGrid, fit_probes, group_split, roc_auc
 
 
 def planted(n=600, sites=(4, 3), d=16, site=(2, 1), noise=0.1, seed=0):
@@ -157,10 +157,10 @@ def test_auc_is_exact_with_ties():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (50,), generator=g).double()
     scores = torch.randint(0, 6, (4, 50), generator=g).double()  # many ties
-    ours = _auc(scores, y)
+    ours = roc_auc(scores, y)
     ref = [roc_auc_score(y.numpy(), s.numpy()) for s in scores]
     np.testing.assert_allclose(ours.numpy(), ref, rtol=0, atol=1e-12)
-    assert torch.isnan(_auc(scores, torch.ones(50, dtype=torch.float64))).all()
+    assert torch.isnan(roc_auc(scores, torch.ones(50, dtype=torch.float64))).all()
 
 
 def _grid(val_acc, val_auc):

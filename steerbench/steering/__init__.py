@@ -18,10 +18,12 @@ from steerbench.steerer import Decision, Flagger, Steerer, StepContext, StepStat
 from steerbench.steering.caa import CAA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import ITI, HeadProbes, HeadReadout, HeadShift
+from steerbench.steering.real import REAL, HeadRelevance
 from steerbench.steering.sadi import SADI
 
 __all__ = [
-    "CAA", "FASB", "SADI", "HeadProbes", "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
+    "CAA", "FASB", "REAL", "SADI", "HeadProbes", "HeadRelevance",
+    "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
     "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "ScaleClean", "AddGated", "AnyOf", "FromState",
     "FROM_INSTRUCTION", "LAST_PROMPT_TOKEN", "GENERATED",
 ]
