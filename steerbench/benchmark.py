@@ -40,6 +40,7 @@ from steerbench.steerer import Steerer
 from steerbench.steering.caa import CAA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
+from steerbench.steering.real import HeadRelevance
 from steerbench.steering.sadi import SADI, contrast, element_activations, head_means
 from steerbench.truthfulqa import PROMPTS, MCResult, mc_items, mc_mode_scores, mc_scores
 
@@ -165,6 +166,7 @@ class FitData:
     prompt: str = "instruction+primer"  # the scoring prompt
     store: dict[str, AnswerActivations] = field(default_factory=dict)  # other kinds, shared by every fold
     _probes: HeadProbes | None = None
+    _relevance: HeadRelevance | None = None
 
     def answers(self, kind: str) -> AnswerActivations:
         """Per-answer activations of ``kind`` (collected once for all folds; slice with ``.of``)."""
@@ -182,6 +184,15 @@ class FitData:
         if self._probes is None:
             self._probes = HeadProbes.fit(self.model, self.fit, self.val, acts=self.heads.of(self.fit + self.val))
         return self._probes
+
+    def relevance(self, scorer: str) -> HeadRelevance:
+        """REAL's head relevance on the same split as ``probes``: the autoencoders are
+        trained once per fold and shared by REAL's methods, each adding its scorer."""
+        if self._relevance is None:
+            self._relevance = HeadRelevance.fit(self.model, self.fit, self.val, acts=self.heads.of(self.fit + self.val),
+                                                probes=self.probes(), scorers=[scorer])
+        self._relevance.add_scorer(scorer)
+        return self._relevance
 
 
 class Method:
@@ -323,6 +334,34 @@ class SADIHidden(SADIMethod):
     description = "SADI-HIDDEN: MLP output dimensions (hook_mlp_out)"
     elements = "hidden"
     grid = {"k": [1, 2, 4, 8, 12, 20], "delta": [5.0, 10.0, 20.0, 40.0, 80.0]}  # reference K 1..20, delta 5..80
+
+
+class REALMethod(Method):
+    """REAL with one relevance scorer: the top-K heads by relevance, ITI's directions and
+    sigmas weighted by relevance / max; K and alpha chosen on validation (ITI's grid, so the
+    two are compared on equal terms)."""
+
+    scorer = "gru"
+    grid = {"k": [8, 16, 32], "alpha": [2.0, 5.0, 15.0], "weighting": ["auc"]}
+
+    def candidates(self, data, grid):
+        rel = data.relevance(self.scorer)
+        return [({"k": int(k), "alpha": float(a), "weighting": w}, rel.select(int(k), float(a), self.scorer, w))
+                for w in grid["weighting"] for k in grid["k"] for a in grid["alpha"]]
+
+
+@register
+class REALGRU(REALMethod):
+    name = "real"
+    description = "REAL: heads ranked by VQ-autoencoder code relevance (two GRU priors, log-likelihood ratio AUC)"
+    scorer = "gru"
+
+
+@register
+class REALProbe(REALMethod):
+    name = "real-probe"
+    description = "REAL with a logistic probe on the one-hot codes as the relevance scorer"
+    scorer = "probe"
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:

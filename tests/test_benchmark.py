@@ -120,6 +120,36 @@ def test_no_test_item_reaches_caa_or_sadi_fitting_or_selection(model, monkeypatc
     assert "validation" in res.config["selection"]
 
 
+def test_real_bench_reads_no_test_question_and_shares_one_relevance_per_fold(model, monkeypatch):
+    import steerbench.benchmark as bm
+
+    questions = sb.load_truthfulqa("misconceptions")[:12]
+    heads = AnswerActivations(model, questions, cache=False)
+    read: list = []
+    real_of = heads.of
+    heads.of = lambda qs: (read.append(list(qs)), real_of(qs))[1]
+    fits = []
+    real_fit = bm.HeadRelevance.fit
+
+    def fit(*a, **k):
+        fits.append(1)
+        return real_fit(*a, **{**k, "epochs": 2, "gru_epochs": 1})
+
+    monkeypatch.setattr(bm.HeadRelevance, "fit", fit)
+    grids = {"real": {"k": [2], "alpha": [5.0]}, "real-probe": {"k": [2, 4], "alpha": [5.0]}}
+    res = run_bench(model, questions, methods=["real", "real-probe"], prompt="plain", grids=grids,
+                    kl_texts=["A short neutral text."], heads=heads, log=lambda s: None)
+    assert len(fits) == 2  # one relevance per fold, both scorers, shared by the two methods
+    trains = [{questions[i] for i in sp["train"]} for sp in res.config["splits"]]
+    # every read is one fold's training questions (fit + validation), in fold order: never a test question
+    assert [trains.index(set(qs)) for qs in read] == sorted(trains.index(set(qs)) for qs in read) and len(read) >= 2
+    rows = {(r["method"], r["fold"]): r for r in res.folds}
+    assert set(rows) == {(m, f) for m in ("real", "real-probe") for f in (0, 1)}
+    assert all(r["describe"].startswith("REAL(") and r["params"]["k"] in (2, 4) for r in rows.values())
+    assert all(len(rows[("real-probe", f)]["val"]) == 2 for f in (0, 1))  # chosen among two on validation
+    assert all(sorted(res.per_question[m]) == list(range(12)) for m in ("real", "real-probe"))
+
+
 def test_iti_bench_end_to_end_on_the_embedded_set(model, tmp_path):
     questions = sb.load_truthfulqa("misconceptions")[:16]
     res = run_bench(model, questions, methods=["baseline", "iti"], prompt="plain",
