@@ -221,6 +221,47 @@ def sadi_contrast(sadi, title: str | None = None) -> go.Figure:
     return fig
 
 
+def relevance_grids(relevance, k: int = 16, scorer: str | None = None, title: str | None = None) -> go.Figure:
+    """REAL's relevance of every head next to ITI's probe validation accuracy, as two
+    layer x head grids, each method's top ``k`` heads ringed (black: in both top-k, white:
+    in one only). ``relevance`` is a fitted :class:`~steerbench.steering.real.HeadRelevance`;
+    the title gives the top-k overlap and the Spearman correlation over all heads."""
+    scorer = relevance._scorer(scorer)
+    rel = relevance.relevance[scorer].detach().cpu().double().numpy()
+    acc = relevance.probes.grid.val_acc.detach().cpu().double().numpy()
+    n_layers, n_heads = rel.shape
+    tops = {"real": relevance.ranking(scorer)[:k], "iti": relevance.probes.ranking()[:k]}
+    both = set(tops["real"]) & set(tops["iti"])
+    names = {"real": f"REAL relevance (validation ROC-AUC, {scorer} scorer)", "iti": "ITI probe validation accuracy"}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[names["real"], names["iti"]], horizontal_spacing=0.12)
+    for col, (key, z) in enumerate((("real", rel), ("iti", acc)), start=1):
+        fig.add_trace(go.Heatmap(
+            z=z, x=list(range(n_heads)), y=list(range(n_layers)), colorscale="Viridis", xgap=1, ygap=1,
+            zmin=min(0.5, float(np.nanmin(z))), zmax=float(np.nanmax(z)),
+            colorbar={"x": 0.44 if col == 1 else 1.0, "len": 0.9, "thickness": 12},
+            hovertemplate=f"layer %{{y}}, head %{{x}}<br>{names[key].split(' (')[0]} %{{z:.3f}}<extra></extra>",
+        ), row=1, col=col)
+        for shared, color in ((True, "black"), (False, "white")):
+            pts = [(L, h) for L, h in tops[key] if ((L, h) in both) == shared]
+            if pts:
+                fig.add_trace(go.Scatter(
+                    x=[h for _, h in pts], y=[L for L, _ in pts], mode="markers", showlegend=col == 1,
+                    name=f"in both top {k}" if shared else f"in one top {k} only", legendgroup=str(shared),
+                    marker={"symbol": "circle-open", "size": 13, "color": color, "line": {"width": 2}},
+                    hovertemplate="layer %{y}, head %{x}<extra></extra>",
+                ), row=1, col=col)
+        fig.update_xaxes(title_text="attention head", dtick=1 if n_heads <= 32 else None, showgrid=False, row=1, col=col)
+        fig.update_yaxes(title_text="layer" if col == 1 else None, dtick=1 if n_layers <= 40 else None,
+                         showgrid=False, row=1, col=col)
+    fig.update_layout(
+        title=title or (f"Which heads to steer: top-{k} overlap {len(both)}/{k}, Spearman "
+                        f"{relevance.rank_correlation(scorer):+.2f} over all {rel.size} heads"),
+        template="plotly_white", height=max(420, 22 * n_layers + 200), width=max(900, 52 * n_heads + 520),
+        legend={"orientation": "h", "y": -0.12},
+    )
+    return fig
+
+
 # -------------------------------------------------------------------------------------
 # PCA views
 
