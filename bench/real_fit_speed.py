@@ -73,7 +73,7 @@ def main() -> None:
         _, labels, _ = sb.qa_examples(fit_q + val_q, "Q: {question} A: {answer}")
         for layer, h in heads:
             m = layer * H + h
-            alone, _, _ = module_relevance(flat[:, [m]], torch.tensor(labels), probes.grid.train_idx,
+            alone, _, _, _ = module_relevance(flat[:, [m]], torch.tensor(labels), probes.grid.train_idx,
                                            probes.grid.val_idx, seed=42, module_ids=[m])
             print(f"head L{layer}.{h} alone vs batched: " + ", ".join(
                 f"{s} {float(alone[s][0]):.4f} vs {float(rel.relevance[s][layer, h]):.4f}" for s in rel.scorers))

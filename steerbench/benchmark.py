@@ -341,7 +341,7 @@ class REALMethod(Method):
     sigmas weighted by relevance / max; K and alpha chosen on validation (ITI's grid, so the
     two are compared on equal terms)."""
 
-    scorer = "gru"
+    scorer: str  # set by each registered subclass
     grid = {"k": [8, 16, 32], "alpha": [2.0, 5.0, 15.0], "weighting": ["auc"]}
 
     def candidates(self, data, grid):

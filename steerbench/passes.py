@@ -144,7 +144,6 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = MA
     return out
 
 
-
 @dataclass
 class Batch:
     """Left-padded token ids. Row b's token i sits in column ``offsets[b] + i``."""

@@ -226,7 +226,7 @@ def relevance_grids(relevance, k: int = 16, scorer: str | None = None, title: st
     layer x head grids, each method's top ``k`` heads ringed (black: in both top-k, white:
     in one only). ``relevance`` is a fitted :class:`~steerbench.steering.real.HeadRelevance`;
     the title gives the top-k overlap and the Spearman correlation over all heads."""
-    scorer = relevance._scorer(scorer)
+    scorer = relevance.resolve_scorer(scorer)
     rel = relevance.relevance[scorer].detach().cpu().double().numpy()
     acc = relevance.probes.grid.val_acc.detach().cpu().double().numpy()
     n_layers, n_heads = rel.shape

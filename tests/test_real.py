@@ -40,7 +40,7 @@ def planted_relevance():
 
 
 def test_planted_module_ranks_first_and_shuffled_labels_sit_at_chance(planted_relevance):
-    relevance, vq, seconds = planted_relevance
+    relevance, vq, codes, seconds = planted_relevance
     for scorer in ("gru", "probe"):
         rel = relevance[scorer]
         assert rel[0] > 0.95, (scorer, rel)
@@ -153,7 +153,7 @@ def test_real_steers_iti_directions_weighted_by_relevance(model, relevance, head
         assert torch.allclose(real.shift()[k], real.weight[k] * iti.sigma[i] * iti.directions[i])
     # a scorer added later, from the stored codes, gives what fitting with it gave
     probe_only = dataclasses.replace(relevance, relevance={"probe": relevance.relevance["probe"]}, seconds={})
-    assert probe_only.scorers == ["probe"] and probe_only._scorer(None) == "probe"
+    assert probe_only.scorers == ["probe"] and probe_only.resolve_scorer() == "probe"
     assert torch.equal(probe_only.add_scorer("gru"), relevance.relevance["gru"])
     assert relevance.codes.shape[:2] == (model.n_layers, model.n_heads) and relevance.codes.shape[-1] == 8
     flat = relevance.select(k=6, alpha=10.0, scorer="probe", weighting="none")

@@ -212,7 +212,6 @@ class VQFit:
     recon: torch.Tensor  # [M]
     perplexity: torch.Tensor  # [M]: exp(entropy) of the code usage in the last epoch (C = all codes used evenly)
     seconds: float = 0.0
-    last_codes: torch.Tensor | None = None  # [M, N, U]: what module_relevance encoded
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -281,7 +280,6 @@ def train_vqae(x: torch.Tensor, labels: torch.Tensor, *, module_ids: Sequence[in
     r = relevant_units or units
     vq.train()
     show = progress if progress is not None else M * N * epochs > 5e6
-    recon = torch.zeros(M)
     usage = torch.zeros(M, codebook)
     for epoch in tqdm(range(epochs), desc="REAL autoencoders", disable=not show, leave=False):
         perm = torch.randperm(N, generator=gen)
@@ -387,6 +385,12 @@ def prior_scores(true_prior: GRUPriors, false_prior: GRUPriors, codes: torch.Ten
     return torch.cat(out, 1)
 
 
+def _code_features(codes: torch.Tensor, codebook: int) -> torch.Tensor:
+    """[M, N * U]: each unit's code id as an index into the U * codebook one-hot features."""
+    M, N, U = codes.shape
+    return (codes + torch.arange(U)[None, None, :] * codebook).reshape(M, N * U)
+
+
 def fit_code_probes(codes: torch.Tensor, y: torch.Tensor, codebook: int, C: float = 1.0, max_iter: int = 500,
                     tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """One L2 logistic regression per module on its one-hot codes: codes [M, N, U] (ids
@@ -398,7 +402,7 @@ def fit_code_probes(codes: torch.Tensor, y: torch.Tensor, codebook: int, C: floa
     bounds the largest gradient entry: at 1e-4 validation AUCs are within 3e-4 of those at 1e-6.
     Returns (W [M, U, codebook], b [M])."""
     M, N, U = codes.shape
-    feat = (codes + torch.arange(U)[None, None, :] * codebook).reshape(M, N * U)  # [M, N*U] index into U*codebook
+    feat = _code_features(codes, codebook)
     target = y.to(torch.float64).expand(M, N)
     lam = 1.0 / (C * N)
     W = torch.zeros(M, U * codebook, dtype=torch.float64)
@@ -423,9 +427,8 @@ def fit_code_probes(codes: torch.Tensor, y: torch.Tensor, codebook: int, C: floa
 def code_probe_logits(W: torch.Tensor, b: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Logits [M, N] of the code probes (``fit_code_probes``) on codes [M, N, U]."""
     M, N, U = codes.shape
-    C = W.shape[-1]
-    feat = (codes + torch.arange(U)[None, None, :] * C).reshape(M, N * U)
-    return torch.gather(W.reshape(M, U * C), 1, feat).view(M, N, U).sum(-1) + b[:, None]
+    feat = _code_features(codes, W.shape[-1])
+    return torch.gather(W.reshape(M, -1), 1, feat).view(M, N, U).sum(-1) + b[:, None]
 
 
 def code_probe_auc(codes_fit: torch.Tensor, y_fit: torch.Tensor, codes_val: torch.Tensor, y_val: torch.Tensor,
@@ -459,12 +462,13 @@ def score_codes(codes: torch.Tensor, y: torch.Tensor, train_idx, val_idx, scorer
 
 def module_relevance(x: torch.Tensor, labels, train_idx, val_idx, scorers: Sequence[str] = SCORERS,
                      gru_epochs: int = 6, seed: int = 0, module_ids: Sequence[int] | None = None,
-                     progress: bool | None = None, **vq_settings) -> tuple[dict[str, torch.Tensor], VQFit, dict[str, float]]:
+                     progress: bool | None = None,
+                     **vq_settings) -> tuple[dict[str, torch.Tensor], VQFit, torch.Tensor, dict[str, float]]:
     """REAL's relevance of every module of ``x`` [N, M, d] (labels [N], 1 = true): autoencoders
     trained on the rows ``train_idx``, relevance = ROC-AUC on the rows ``val_idx`` of each
     scorer's score. ``module_ids`` seed each module's initialisation (``train_vqae``).
-    Returns ({scorer: [M]}, the autoencoders, seconds per stage); the code ids of every row
-    of ``x`` are kept in the autoencoders' ``last_codes``."""
+    Returns ({scorer: [M]}, the autoencoders, the code ids [M, N, U] of every row of ``x``,
+    seconds per stage)."""
     _check_scorers(scorers)
     x, y = _check_features(x, labels)
     tr, va = torch.as_tensor(train_idx, dtype=torch.long), torch.as_tensor(val_idx, dtype=torch.long)
@@ -476,7 +480,6 @@ def module_relevance(x: torch.Tensor, labels, train_idx, val_idx, scorers: Seque
     seconds["autoencoders"] = vq.seconds
     t0 = time.perf_counter()
     codes = vq.codes(x)
-    vq.last_codes = codes
     seconds["codes"] = time.perf_counter() - t0
     relevance = {}
     for scorer in scorers:
@@ -484,7 +487,7 @@ def module_relevance(x: torch.Tensor, labels, train_idx, val_idx, scorers: Seque
         relevance[scorer] = score_codes(codes, y, tr, va, scorer, vq.model.codebook, gru_epochs=gru_epochs, seed=seed,
                                         module_ids=module_ids, progress=progress)
         seconds[scorer] = time.perf_counter() - t0
-    return relevance, vq, seconds
+    return relevance, vq, codes, seconds
 
 
 @dataclass
@@ -531,19 +534,19 @@ class HeadRelevance:
         elif probes.info.get("questions_hash") != questions_hash(every):
             raise ValueError("probes were fitted on other questions than these; pass probes fitted on the same ones")
         L, H = probes.grid.sites_shape
+        y = torch.as_tensor(labels).long()
         flat = acts.reshape(acts.shape[0], L * H, -1)
-        relevance, vq, seconds = module_relevance(
-            flat, torch.as_tensor(labels), probes.grid.train_idx, probes.grid.val_idx, scorers=scorers,
+        relevance, vq, codes, seconds = module_relevance(
+            flat, y, probes.grid.train_idx, probes.grid.val_idx, scorers=scorers,
             gru_epochs=gru_epochs, seed=seed, progress=progress, **vq_settings)
         C = vq.model.codebook
         relevance = {k: v.view(L, H) for k, v in relevance.items()}
         tr, va = probes.grid.train_idx, probes.grid.val_idx
         settings = {"units": vq.model.units, "code_dim": vq.model.code_dim, "codebook": C,
                     "gru_epochs": gru_epochs, "seed": seed, **vq_settings}
-        assert vq.last_codes is not None
-        codes = vq.last_codes.to(torch.uint8 if C <= 256 else torch.int32).view(L, H, *vq.last_codes.shape[1:])
+        codes = codes.to(torch.uint8 if C <= 256 else torch.int32).view(L, H, *codes.shape[1:])
         return cls(probes=probes, relevance=relevance, recon=vq.recon.view(L, H), perplexity=vq.perplexity.view(L, H),
-                   codes=codes, labels=torch.as_tensor(labels).long(), seconds=seconds, settings=settings,
+                   codes=codes, labels=y, seconds=seconds, settings=settings,
                    fitted_on=model.fingerprint(), info={**probes.info, "n_fit_answers": len(tr), "n_val_answers": len(va)})
 
     def add_scorer(self, scorer: str, progress: bool | None = None) -> torch.Tensor:
@@ -565,7 +568,8 @@ class HeadRelevance:
     def scorers(self) -> list[str]:
         return list(self.relevance)
 
-    def _scorer(self, scorer: str | None) -> str:
+    def resolve_scorer(self, scorer: str | None = None) -> str:
+        """``scorer``, or the default one when None; refuses a scorer this fit lacks."""
         scorer = scorer or (DEFAULT_SCORER if DEFAULT_SCORER in self.relevance else self.scorers[0])
         if scorer not in self.relevance:
             raise ValueError(f"no relevance from scorer {scorer!r}; this fit has {self.scorers}")
@@ -573,16 +577,17 @@ class HeadRelevance:
 
     def ranking(self, scorer: str | None = None) -> list[tuple[int, int]]:
         """All heads, most relevant first (ties: the lower layer, then head)."""
-        rel = self.relevance[self._scorer(scorer)]
+        rel = self.relevance[self.resolve_scorer(scorer)]
         H = rel.shape[1]
-        order = sorted(range(rel.numel()), key=lambda i: (-float(rel.view(-1)[i]), i))
+        vals = rel.reshape(-1).tolist()
+        order = sorted(range(len(vals)), key=lambda i: (-vals[i], i))
         return [(i // H, i % H) for i in order]
 
     def rank_correlation(self, scorer: str | None = None) -> float:
         """Spearman correlation over all heads of the relevance with ITI's probe validation accuracy."""
         from scipy.stats import spearmanr
 
-        rel = self.relevance[self._scorer(scorer)].reshape(-1).numpy()
+        rel = self.relevance[self.resolve_scorer(scorer)].reshape(-1).numpy()
         acc = self.probes.grid.val_acc.reshape(-1).numpy()
         return float(spearmanr(rel, acc).statistic)
 
@@ -594,7 +599,7 @@ class HeadRelevance:
                direction: str = "mass_mean") -> REAL:
         """REAL on the ``k`` most relevant heads at strength ``alpha``; ``weighting="none"``
         gives every head weight 1 (ITI's steering on REAL's heads)."""
-        scorer = self._scorer(scorer)
+        scorer = self.resolve_scorer(scorer)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         n = self.relevance[scorer].numel()
@@ -619,7 +624,7 @@ class REAL(HeadShift):
 
     relevance: torch.Tensor | None = None  # [K]: each head's validation ROC-AUC
     weight: torch.Tensor | None = None  # [K]
-    scorer: str = "gru"
+    scorer: str = DEFAULT_SCORER
     weighting: str = "auc"
     direction: str = "mass_mean"
 
