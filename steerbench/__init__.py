@@ -18,6 +18,7 @@ from steerbench.model import Model, Prompt, load_model
 from steerbench.passes import SharedPrefix, forward_batch
 from steerbench.steering import (
     CAA,
+    CLAS,
     FASB,
     ITI,
     REAL,
@@ -27,6 +28,7 @@ from steerbench.steering import (
     HeadReadout,
     HeadRelevance,
     HeadShift,
+    LoRA,
     Steerer,
     StepContext,
     StepState,
@@ -35,12 +37,14 @@ from steerbench.steering import (
 __all__ = [
     "ABItem",
     "CAA",
+    "CLAS",
     "FASB",
     "HeadProbes",
     "HeadReadout",
     "HeadRelevance",
     "HeadShift",
     "ITI",
+    "LoRA",
     "REAL",
     "SADI",
     "Decision",

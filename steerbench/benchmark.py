@@ -38,6 +38,7 @@ from steerbench.model import Model, cache_dir
 from steerbench.probes import group_split
 from steerbench.steerer import Steerer
 from steerbench.steering.caa import CAA
+from steerbench.steering.clas import CLAS, FIXED_GRID, Example, LoRA, directions
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
 from steerbench.steering.real import HeadRelevance
@@ -63,6 +64,23 @@ def question_folds(n: int, n_folds: int = 2, seed: int = 42) -> list[tuple[list[
         test = sorted(int(i) for i in parts[f])
         train = sorted(int(i) for g, p in enumerate(parts) if g != f for i in p)
         out.append((train, test))
+    return out
+
+
+def few_label_splits(n: int, n_fit: int = 10, n_val: int = 10, draws: int = 3,
+                     seed: int = 42) -> list[tuple[list[int], list[int], list[int]]]:
+    """(fit, validation, test) item indices for each of ``draws`` seeded draws: ``n_fit``
+    items to train on, ``n_val`` to validate on, every other item to test on (CLAS's
+    few-label protocol: 10 + 10)."""
+    if n_fit < 1 or n_val < 1 or draws < 1:
+        raise ValueError(f"a few-label draw needs n_fit, n_val and draws >= 1, got {n_fit}, {n_val}, {draws}")
+    if n < n_fit + n_val + 1:
+        raise ValueError(f"{n} items are too few for {n_fit} fit + {n_val} validation items and a test set")
+    out = []
+    for d in range(draws):
+        perm = np.random.default_rng([seed, d]).permutation(n)
+        out.append((sorted(int(i) for i in perm[:n_fit]), sorted(int(i) for i in perm[n_fit:n_fit + n_val]),
+                    sorted(int(i) for i in perm[n_fit + n_val:])))
     return out
 
 
@@ -167,6 +185,13 @@ class FitData:
     store: dict[str, AnswerActivations] = field(default_factory=dict)  # other kinds, shared by every fold
     _probes: HeadProbes | None = None
     _relevance: HeadRelevance | None = None
+    _memo: dict = field(default_factory=dict)
+
+    def memo(self, key: str, make: Callable[[], object]):
+        """``make()`` once per fold, shared by the methods that need it (CLAS's directions)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def answers(self, kind: str) -> AnswerActivations:
         """Per-answer activations of ``kind`` (collected once for all folds; slice with ``.of``)."""
@@ -364,6 +389,101 @@ class REALProbe(REALMethod):
     scorer = "probe"
 
 
+def clas_data(data: FitData) -> tuple[list, list, torch.Tensor]:
+    """CLAS's inputs in one fold: (training examples, validation examples, directions).
+    An example is the scoring prompt followed by the item's best answer; the directions
+    contrast the prompt + each true answer with the prompt + each false one (fit items only)."""
+    def make():
+        def split(questions):
+            prompts, conts = mc_items(data.model, questions, data.prompt)
+            best: list[Example] = []
+            pos: list[list[int]] = []
+            neg: list[list[int]] = []
+            at = 0
+            for q in questions:
+                rows = q.answers()  # true answers first, in q.correct's order
+                for j, (_, _, label) in enumerate(rows):
+                    (pos if label else neg).append(list(prompts[at + j].ids) + list(conts[at + j]))
+                jb = at + q.correct.index(q.best)
+                best.append(Example(tuple(prompts[jb].ids), tuple(conts[jb])))
+                at += len(rows)
+            return best, pos, neg
+
+        train_set, pos, neg = split(data.fit)
+        val_set, _, _ = split(data.val)
+        return train_set, val_set, directions(data.model, pos, neg)
+
+    return data.memo("clas", make)
+
+
+class CLASMethod(Method):
+    """A CLAS variant trained on the fold's fit items, its checkpoint chosen on the
+    validation items' loss (the fixed coefficient: on the fit items' loss)."""
+
+    variant = "clas"
+    grid = {"epochs": [8]}
+
+    def candidates(self, data, grid):
+        train_set, val_set, vectors = clas_data(data)
+        epochs = int(grid.get("epochs", [8])[0])
+        steer = CLAS.fit(data.model, train_set, val_set, vectors, self.variant, epochs=epochs)
+        h = steer.info["history"]
+        params = ({"strength": steer.strength} if self.variant == "fixed"
+                  else {"epochs": epochs, "best_epoch": h["best_epoch"]})
+        steer.info.update(n_fit=len(data.fit), n_val=len(data.val), prompt=data.prompt)
+        return [(params, steer)]
+
+
+@register
+class CLASGated(CLASMethod):
+    name = "clas"
+    description = "CLAS: strength w[L] . r + b[L] along a unit direction at every layer and token, trained on the fit items"
+    variant = "clas"
+
+
+@register
+class CLASScalar(CLASMethod):
+    name = "clas-scalar"
+    description = "a learned strength b[L] per layer (CLAS with w = 0)"
+    variant = "scalar"
+
+
+@register
+class CLASRank1(CLASMethod):
+    name = "clas-rank1"
+    description = "a rank-1 ReFT-like intervention: CLAS with the direction trained too"
+    variant = "rank1"
+
+
+@register
+class CLASFixed(CLASMethod):
+    name = "clas-fixed"
+    description = "one fixed coefficient along every layer's direction, chosen by grid on the fit items' loss"
+    variant = "fixed"
+    grid = {"strength": list(FIXED_GRID)}
+
+    def candidates(self, data, grid):
+        train_set, _, vectors = clas_data(data)
+        base = CLAS.identity(vectors, "fixed", fitted_on=data.model.fingerprint())
+        steer = base.fit_fixed(data.model, train_set, [float(m) for m in grid["strength"]])
+        steer.info.update(n_fit=len(data.fit), prompt=data.prompt)
+        return [({"strength": steer.strength}, steer)]
+
+
+@register
+class LoRAMethod(Method):
+    name = "lora"
+    description = "LoRA rank 1 on every layer's MLP down projection, trained like CLAS (best validation checkpoint)"
+    grid = {"lr": [1e-2], "epochs": [8]}
+
+    def candidates(self, data, grid):
+        train_set, val_set, _ = clas_data(data)
+        lr, epochs = float(grid["lr"][0]), int(grid["epochs"][0])
+        steer = LoRA.fit(data.model, train_set, val_set, lr=lr, epochs=epochs)
+        steer.info.update(n_fit=len(data.fit), n_val=len(data.val), prompt=data.prompt)
+        return [({"lr": lr, "epochs": epochs, "best_epoch": steer.info["history"]["best_epoch"]}, steer)]
+
+
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
     """``["iti.k=8,16", "iti.alpha=15"]`` -> ``{"iti": {"k": [8, 16], "alpha": [15.0]}}``."""
     out: dict[str, dict[str, list]] = {}
@@ -411,6 +531,10 @@ class BenchResult:
                 "scoring": fr[0]["scoring"],
                 "chosen": "; ".join(_fmt_params(f["params"]) for f in fr),
             })
+            if len(fr) > 1:  # the spread of the per-fold (per-draw) test scores
+                rows[-1]["mc1_sd"] = float(np.std([f["mc1"] for f in fr], ddof=1))
+            if "margin" in fr[0]:
+                rows[-1]["margin"] = float(np.mean([f["margin"] for f in fr]))
             if "mc_rescored" in fr[0]:
                 rows[-1]["mc_rescored"] = float(np.average([f["mc_rescored"] for f in fr], weights=[f["n_test"] for f in fr]))
             for key in ("gen_acc_rougeL", "gen_acc_embedding", "rollbacks_per_answer", "mean_strength"):
@@ -455,6 +579,8 @@ def run_bench(
     max_kl: float | None = None,
     log: Callable[[str], None] = print,
     on_row: Callable[[dict], None] | None = None,
+    few_label: int = 0,
+    draws: int = 3,
 ) -> BenchResult:
     """Cross-validated MC1/MC2/MC3 and off-task KL of each of ``methods`` (see module doc).
 
@@ -466,6 +592,9 @@ def run_bench(
     alone can pick settings that wreck the model (see README).
     ``on_row``: called with each (method, fold) row as soon as it is done, so a long run
     keeps what it measured if it is stopped.
+    ``few_label``: instead of cross-validation, ``draws`` seeded draws of ``few_label`` fit
+    and ``few_label`` validation items, every other item a test item (CLAS's protocol); a
+    "fold" is then a draw, and the summary gives the mean and spread over draws.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -473,7 +602,11 @@ def run_bench(
     if select not in METRICS:
         raise ValueError(f"select must be one of {METRICS}, got {select!r}")
     questions = list(questions)
-    folds = question_folds(len(questions), n_folds, seed)
+    if few_label:
+        splits = few_label_splits(len(questions), few_label, few_label, draws, seed)
+    else:
+        splits = [(*inner_split(train, val_fraction, seed), test)
+                  for train, test in question_folds(len(questions), n_folds, seed)]
     heads = heads or AnswerActivations(model, questions, template)
     if heads.template != template:
         raise ValueError(f"the head activations were read from {heads.template!r}, not from the template {template!r}")
@@ -483,8 +616,7 @@ def run_bench(
     rows: list[dict] = []
     per_question: dict[str, dict[int, tuple[float, float, float]]] = {m: {} for m in methods}
     t_all = time.perf_counter()
-    for f, (train, test) in enumerate(folds):
-        fit_idx, val_idx = inner_split(train, val_fraction, seed)
+    for f, (fit_idx, val_idx, test) in enumerate(splits):
         data = FitData(model, [questions[i] for i in fit_idx], [questions[i] for i in val_idx], heads, template, prompt,
                        store)
         test_q = [questions[i] for i in test]
@@ -526,12 +658,15 @@ def run_bench(
             kl = kl_to_unsteered(model, kl_texts, [steer])[0] if steer is not None else 0.0
             gen = generation_metrics(model, test_q[:generate], steer, prompt, max_new_tokens) if generate else {}
             for i, pq in zip(test, test_res.per_question):
-                per_question[name][i] = pq
+                per_question[name][f * len(questions) + i if few_label else i] = pq
+            two = all(len(q.correct) + len(q.incorrect) == 2 for q in test_q)
+            margin = {"margin": float(np.mean([np.log(np.clip(pq[1], 1e-15, 1)) - np.log(np.clip(1 - pq[1], 1e-15, 1))
+                                               for pq in test_res.per_question]))} if two else {}
             rows.append({
                 "method": name, "fold": f, "params": params, "describe": steer.describe() if steer else "none",
                 "mc1": test_res.mc1, "mc2": test_res.mc2, "mc3": test_res.mc3, "kl": kl, "n_test": len(test),
                 "n_fit": len(fit_idx), "n_val": len(val_idx), "fit_s": fit_s, "score_s": score_s,
-                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **test_res.info, **gen,
+                "answers_per_s": n_answers / score_s, "scoring": method.scoring, **margin, **test_res.info, **gen,
                 "val": [{"params": p, select: v, **({"kl": k} if val_kl else {})}
                         for (p, _), v, k in zip(cands, val_scores, val_kl or [0.0] * len(cands))],
             })
@@ -542,7 +677,9 @@ def run_bench(
             log(f"fold {f} {name:>10}: {_fmt_params(params)}  test MC1 {test_res.mc1:.3f} MC2 {test_res.mc2:.3f} "
                 f"MC3 {test_res.mc3:.3f}  KL {kl:.4f}{gen_txt}  (fit+select {fit_s:.0f} s, score {score_s:.0f} s)")
     config = {
-        "n_questions": len(questions), "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
+        "n_questions": len(questions), "n_folds": len(splits), "seed": seed, "val_fraction": val_fraction,
+        "protocol": (f"{len(splits)} draws of {few_label} fit + {few_label} validation items, the rest test"
+                     if few_label else f"{n_folds}-fold cross-validation by item"), "few_label": few_label,
         "prompt": prompt, "prompt_template": PROMPTS.get(prompt, prompt), "feature_template": template,
         "selection": f"hyperparameters chosen on validation items only (by {select.upper()}), never on the test fold",
         "select": select, "methods": list(methods), "model": model.name,
@@ -551,7 +688,7 @@ def run_bench(
         "head_collection_s": heads.seconds,
         "collection_s": {"z": heads.seconds, **{k: a.seconds for k, a in store.items()}},
         "total_s": time.perf_counter() - t_all,
-        "splits": [{"train": tr, "test": te} for tr, te in folds],
+        "splits": [{"train": sorted(fi + va), "fit": fi, "val": va, "test": te} for fi, va, te in splits],
     }
     return BenchResult(rows, per_question, config)
 

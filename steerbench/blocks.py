@@ -147,6 +147,19 @@ class FromState(Rule):
 
 
 @dataclass(frozen=True)
+class Everywhere(Rule):
+    """Every position of the sequence, prompt included (padding excluded): CLAS and LoRA
+    change the model wherever it runs (reference CLAS: _controller.py:115-130 steers the
+    whole block output). Such a steerer is not ``prefix_invariant``."""
+
+    def mask(self, ctx: StepContext) -> torch.Tensor:
+        return _positions(ctx) >= 0
+
+    def describe(self) -> str:
+        return "every position"
+
+
+@dataclass(frozen=True)
 class AnyOf(Rule):
     """The columns any of ``rules`` names (SADI with its generated-token option: the last
     prompt token and every generated token)."""
@@ -172,6 +185,7 @@ def _positions(ctx: StepContext) -> torch.Tensor:
 FROM_INSTRUCTION = FromInstruction()
 LAST_PROMPT_TOKEN = LastPromptToken()
 GENERATED = Generated()
+EVERYWHERE = Everywhere()
 
 
 # -------------------------------------------------------------------------------------
@@ -198,6 +212,11 @@ class Operator:
     def apply_clean(self, a: torch.Tensor, clean: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
         """``apply`` for an operator with ``reads_clean``: ``clean`` is the site's unsteered view."""
         raise NotImplementedError
+
+    def applied(self, a: torch.Tensor, s: Any) -> torch.Tensor | None:  # noqa: ARG002 (the default: none)
+        """``[B, T]``: the strength this operator applies at each column when it computes
+        one from the activation (CLAS), for the trace; None: the strength in force."""
+        return None
 
     def _like(self, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """``t`` (one of this operator's own tensors) on ``a``'s device and dtype, converted
@@ -276,9 +295,16 @@ class AddGated(Operator):
     weight: torch.Tensor
     bias: torch.Tensor
 
+    def gate(self, a: torch.Tensor) -> torch.Tensor:
+        """``c . a + b`` at every column: ``[B, T]``."""
+        return a @ self._like(self.weight, a) + self._like(self.bias, a)
+
     def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
-        g = a @ self._like(self.weight, a) + self._like(self.bias, a)  # [B, T]
-        return a + (s * m) * g.unsqueeze(-1) * self._like(self.vector, a)
+        return a + (s * m) * self.gate(a).unsqueeze(-1) * self._like(self.vector, a)
+
+    def applied(self, a: torch.Tensor, s: Any) -> torch.Tensor:
+        s = s.reshape(-1, 1) if isinstance(s, torch.Tensor) else s
+        return s * self.gate(a)
 
 
 # -------------------------------------------------------------------------------------
@@ -316,6 +342,10 @@ def intervention_hooks(interventions: list[Intervention], ctx: StepContext) -> l
             a = iv.site.view(act)
             m = iv.rule.mask(ctx).to(a.dtype).reshape(*a.shape[:2], *([1] * (a.ndim - 2)))
             if not iv.op.reads_clean:
+                if not torch.is_grad_enabled():  # what the trace shows: the strength applied per column
+                    g = iv.op.applied(a, s if not isinstance(s, torch.Tensor) else s.to(a))
+                    if g is not None:
+                        ctx.applied[iv.site.hook] = (g * m.reshape(g.shape)).detach()
                 return iv.op.apply(a, m, _as_rows(s, a)).reshape(act.shape)
             if not bool(m.any()):  # nothing steered in this pass (a decode step): no clean pre-pass ran
                 return act

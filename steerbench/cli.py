@@ -118,8 +118,10 @@ def bench(args: argparse.Namespace) -> int:
     prompt = args.prompt or spec.prompt
     every = load_mc(args.data)
     questions = load_mc(args.data, limit=args.limit, seed=args.seed) if args.limit is not None else every
-    print(f"[{time.time() - t0:6.1f}s] {model}; {len(questions)} items from {args.data} (prompt {prompt!r}); "
-          f"{args.folds}-fold CV by item, {1 - args.val_fraction:.0%}/{args.val_fraction:.0%} fit/val inside each fold")
+    protocol = (f"{args.draws} draws of {args.few_label} fit + {args.few_label} validation items, the rest test"
+                if args.few_label else f"{args.folds}-fold CV by item, {1 - args.val_fraction:.0%}/"
+                                       f"{args.val_fraction:.0%} fit/val inside each fold")
+    print(f"[{time.time() - t0:6.1f}s] {model}; {len(questions)} items from {args.data} (prompt {prompt!r}); {protocol}")
     heads = AnswerActivations(model, questions, spec.features, cache=not args.no_cache, progress=True)
     whole = AnswerActivations(model, every, spec.features, progress=True)
     if not args.no_cache and whole.path().exists():
@@ -129,7 +131,7 @@ def bench(args: argparse.Namespace) -> int:
         prompt=prompt, grids=grids, select=args.select, batch_size=args.batch_size,
         heads=heads, template=spec.features,
         generate=args.generate, max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
-        on_row=lambda row: log_row(out / "rows.jsonl", row),
+        on_row=lambda row: log_row(out / "rows.jsonl", row), few_label=args.few_label, draws=args.draws,
     )
     table = result.summary()
     print()
@@ -137,7 +139,8 @@ def bench(args: argparse.Namespace) -> int:
     result.config["data"] = args.data
     result.config["limit"] = args.limit
     metric = "MC1 / MC2 / MC3" if spec.name in ("truthfulqa", "misconceptions") else "accuracy (= MC1)"
-    result.config["title"] = (f"{args.data}: {metric}, {args.folds}-fold CV ({model.name}); prompt {prompt!r}; "
+    how = f"{args.draws} draws of {args.few_label}+{args.few_label} items" if args.few_label else f"{args.folds}-fold CV"
+    result.config["title"] = (f"{args.data}: {metric}, {how} ({model.name}); prompt {prompt!r}; "
                               "hyperparameters chosen on validation items only")
     result.to_json(out / "results.json")
     long_fields = ("val", "answers", "strengths", "mc_strengths", "mc_first_flag")
@@ -180,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--methods", nargs="+", default=["baseline", "iti", "fasb"], choices=sorted(METHODS),
                    help="methods to compare (default: %(default)s)")
     b.add_argument("--data", default="truthfulqa",
-                   help="truthfulqa, copa, winogrande, boolq, mmlu (../shared/data), misconceptions (embedded), a "
+                   help="truthfulqa, copa, winogrande, boolq, mmlu (../shared/data), misconceptions, tone, refusal (embedded), a "
                         "TruthfulQA-format CSV or multiple-choice JSON(L) records (default: %(default)s)")
     b.add_argument("--model", default=None, help="a model name (default: SmolLM2-135M-Instruct, offline)")
     b.add_argument("--limit", type=int, default=None,
                    help="use N items: the first N questions of a TruthfulQA-format CSV, a random subset (seeded by "
                         "--seed) of the other sets (default: all)")
     b.add_argument("--folds", type=int, default=2)
+    b.add_argument("--few-label", type=int, default=0, metavar="N",
+                   help="instead of cross-validation: train on N items, validate on N, test on the rest "
+                        "(CLAS's protocol: 10), over --draws seeded draws")
+    b.add_argument("--draws", type=int, default=3, help="seeded draws of the --few-label items (default: %(default)s)")
     b.add_argument("--val-fraction", type=float, default=0.2, help="validation share of each fold's training questions")
     b.add_argument("--seed", type=int, default=42)
     b.add_argument("--prompt", default=None, choices=sorted(PROMPTS),

@@ -57,11 +57,15 @@ class StepContext:
     clean_mask: Callable[[StepContext], torch.Tensor] | None = None
     clean: dict = field(default_factory=dict)
     capturing: bool = False
+    # hook name -> [batch, pos]: the strength an operator that computes its own (CLAS)
+    # applied at each column of the pass, filled by the hooks of passes run without autograd
+    applied: dict = field(default_factory=dict)
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     def set_pass(self, positions: torch.Tensor) -> None:
         self.positions = positions
         self._mask = None
+        self.applied = {}
 
     @property
     def mask(self) -> torch.Tensor:

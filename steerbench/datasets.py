@@ -298,6 +298,12 @@ MC_SETS = {
                    "BoolQ dev, 3,270 items: passage and question, answer no / yes"),
     "mmlu": MCSet("mmlu", "caa/test/mmlu/mmlu.json", "mmlu", "{question}\nAnswer: {answer}",
                   "MMLU as A/B, 570 items: question with two choices, answer (A) / (B)"),
+    # the embedded behaviour sets (data/behaviors), their A/B items read as two answers to
+    # the question stem in the model's chat format, the matching one true
+    "tone": MCSet("tone", "", "chat", "{question} {answer}",
+                  "tone (embedded), 85 items: a chat request, the warm answer against the discouraging one"),
+    "refusal": MCSet("refusal", "", "chat", "{question} {answer}",
+                     "refusal (embedded), 85 items: a chat request, the refusal against the compliance"),
 }
 
 
@@ -339,6 +345,11 @@ def load_mc(name: str | os.PathLike = "truthfulqa", limit: int | None = None, se
     key = str(name)
     if key == "misconceptions" or key == "truthfulqa" or key.endswith(".csv"):
         return load_truthfulqa(None if key == "truthfulqa" else key, limit=limit)
+    if key in MC_SETS and not MC_SETS[key].path:  # an embedded behaviour: its train and held-out A/B items
+        items = behavior(key, "train") + behavior(key, "test")
+        out = [MCQuestion(it.stem, it.matching_text, (it.matching_text,), (it.not_matching_text,), category=key)
+               for it in items]
+        return _subset(out, limit, seed)
     p = shared_dir() / MC_SETS[key].path if key in MC_SETS else Path(key)
     if not p.exists():
         raise DatasetError(f"dataset file not found: {p} (known sets: {', '.join(MC_SETS)}, misconceptions)")
@@ -350,6 +361,10 @@ def load_mc(name: str | os.PathLike = "truthfulqa", limit: int | None = None, se
     out = [_mc_record(r, f"{p.name} record {i + 1}") for i, r in enumerate(records)]
     if not out:
         raise DatasetError(f"{p} has no items")
+    return _subset(out, limit, seed)
+
+
+def _subset(out: list[MCQuestion], limit: int | None, seed: int) -> list[MCQuestion]:
     if limit is not None and limit < len(out):
         import numpy as np
 

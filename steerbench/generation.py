@@ -40,6 +40,9 @@ class TokenStep:
     steered: bool  # whether the producing pass steered this column
     score: float | None = None  # what the steerer observed at this token (e.g. P(true))
     discarded: bool = False  # dropped by a rollback
+    # site -> strength applied there, for steerers that compute their own per token and layer
+    # (CLAS: s * (c . r + b) at each layer); ``strength`` is then their mean over sites
+    site_strengths: dict[str, float] | None = None
 
 
 @dataclass
@@ -235,8 +238,12 @@ def generate(
             # strength in force was not 0; the strength recorded is the one applied
             col_steered = steer is not None and bool(steer.steered(ctx)[0, -1])
             strength = float(ctx.strength) if col_steered and ctx.strength is not None else 0.0
+            per_site = None
+            if col_steered and ctx.applied:
+                per_site = {k: float(v[0, -1]) for k, v in ctx.applied.items()}
+                strength = sum(per_site.values()) / len(per_site)
             col_steered = col_steered and strength != 0
-            ts = TokenStep(step_no, len(seq), token, model.decode([token]), strength, col_steered)
+            ts = TokenStep(step_no, len(seq), token, model.decode([token]), strength, col_steered, site_strengths=per_site)
             step_no += 1
             trace.steps.append(ts)
             emit(ts)

@@ -362,8 +362,16 @@ def _token_label(text: str, limit: int = 10) -> str:
     return html.escape(t)
 
 
+def _step_strength(s, layer: int | None) -> float:
+    """A token's strength: the one in force, or (``layer``) what a steerer that computes its
+    own per layer (CLAS) applied at that layer's residual stream."""
+    if layer is None or s.site_strengths is None:
+        return float(s.strength)
+    return float(s.site_strengths.get(f"blocks.{layer}.hook_resid_post", 0.0))
+
+
 def trace(generation: Generation, threshold: float | None = None, per_row: int = 16,
-          title: str | None = None) -> go.Figure:
+          title: str | None = None, layer: int | None = None) -> go.Figure:
     """The token-by-token trace of one generation: what was produced, how strongly steered, what was undone.
 
     Top: the tokens in the order they were produced, ``per_row`` to a line. Each is coloured
@@ -372,6 +380,8 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     tokens were discarded by a rollback, and the regenerated tokens follow them (⟲ marks where).
     Bottom: the strength per step (and the score, right axis, with ``threshold`` as a dashed
     line; ``threshold`` is ignored when no token has a score); dotted lines mark rollbacks.
+    ``layer``: for a steerer whose strength is computed per token and layer (CLAS), show
+    that layer's strength instead of the mean over layers.
     Reads only ``generation.trace`` and ``generation.text``.
     """
     steps = sorted(generation.trace.steps, key=lambda s: s.step)
@@ -389,7 +399,8 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
         r, c = divmod(i, cols)
         return r, c
 
-    values = np.array([(s.score if has_score else s.strength) for s in steps], dtype=float)  # None -> nan
+    strengths = [_step_strength(s, layer) for s in steps]
+    values = np.array([(s.score if has_score else strengths[i]) for i, s in enumerate(steps)], dtype=float)  # None -> nan
     finite = values[np.isfinite(values)]
     if has_score:
         if not finite.size or (finite.min() >= 0 and finite.max() <= 1):
@@ -446,7 +457,7 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
         score = "n/a" if s.score is None else f"{s.score:.3g}"
         hovers.append(
             f"step {s.step}, position {s.position}<br>token {html.escape(repr(s.text))} (id {s.token_id})"
-            f"<br>strength {s.strength:.3g} ({'steered' if s.steered else 'not steered'})<br>score {score}"
+            f"<br>strength {_step_strength(s, layer):.3g} ({'steered' if s.steered else 'not steered'})<br>score {score}"
             + ("<br><b>discarded by a rollback</b>" if s.discarded else "")
         )
     fig.add_trace(go.Scatter(
@@ -469,8 +480,8 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     step_no = [s.step for s in steps]
     point_colour = ["#bdbdbd" if s.discarded else "#1f77b4" for s in steps]
     fig.add_trace(go.Scatter(
-        x=step_no, y=[s.strength for s in steps], mode="lines+markers", line={"shape": "hv", "color": "#1f77b4"},
-        marker={"color": point_colour, "size": 7}, name="strength",
+        x=step_no, y=strengths, mode="lines+markers", line={"shape": "hv", "color": "#1f77b4"},
+        marker={"color": point_colour, "size": 7}, name="strength" if layer is None else f"strength at layer {layer}",
         hovertemplate="step %{x}<br>strength %{y:.3g}<extra></extra>",
     ), row=2, col=1, secondary_y=False)
     if has_score:
@@ -521,6 +532,36 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
 
 # -------------------------------------------------------------------------------------
 # export
+
+
+def strength_map(generation: Generation, title: str | None = None) -> go.Figure:
+    """Layer x generated token: the strength a steerer that computes its own (CLAS) applied
+    at each layer when it produced each kept token (``TokenStep.site_strengths``), on a
+    diverging scale around 0 (no push). The line above it is the mean over layers, what
+    ``trace`` shows."""
+    steps = [s for s in sorted(generation.trace.steps, key=lambda s: s.step) if not s.discarded]
+    sites = sorted({k for s in steps for k in (s.site_strengths or {})}, key=lambda k: int(k.split(".")[1]))
+    if not sites:
+        raise ValueError("no token has per-layer strengths: steer with a steerer that computes its own (CLAS)")
+    layers = [int(k.split(".")[1]) for k in sites]
+    z = np.array([[(s.site_strengths or {}).get(k, 0.0) for s in steps] for k in sites], dtype=float)
+    bound = float(np.abs(z).max()) or 1.0
+    labels = [f"{i}:{_token_label(s.text)}" for i, s in enumerate(steps)]
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.22, 0.78], shared_xaxes=True, vertical_spacing=0.04)
+    fig.add_trace(go.Scatter(x=labels, y=z.mean(0), mode="lines+markers", name="mean over layers",
+                             line={"color": "#1f77b4"}, hovertemplate="%{x}<br>mean %{y:.3g}<extra></extra>"),
+                  row=1, col=1)
+    fig.add_trace(go.Heatmap(z=z, x=labels, y=layers, colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+                             colorbar={"title": {"text": "strength"}, "thickness": 12, "len": 0.75, "y": 0.38},
+                             hovertemplate="layer %{y}<br>token %{x}<br>strength %{z:.3g}<extra></extra>"),
+                  row=2, col=1)
+    fig.update_yaxes(title_text="mean", row=1, col=1)
+    fig.update_yaxes(title_text="layer", row=2, col=1)
+    fig.update_xaxes(title_text="generated token", tickangle=-45, row=2, col=1)
+    fig.update_layout(title=title or f"Strength applied per layer and token: {generation.steer}", template="plotly_white",
+                      height=max(420, 14 * len(layers) + 260), autosize=True, showlegend=False,
+                      margin={"l": 60, "r": 20, "t": 60, "b": 90})
+    return fig
 
 
 def bench_bars(summary, metrics: Sequence[str] = ("mc1", "mc2", "mc3"), title: str = "TruthfulQA MC") -> go.Figure:

@@ -57,6 +57,9 @@ PROMPTS = {
     "winogrande": "{question}",  # the sentence up to its blank, filled in, + " the rest of the sentence"
     "boolq": "{question}\nAnswer:",  # "Passage: ...\nQuestion: ...?\nAnswer:" + " yes" / " no"
     "mmlu": "{question}\nAnswer:",  # question, "Choices:\n(A) ...\n(B) ...", "Answer:" + " (A)" / " (B)"
+    # the question as a user turn in the model's chat format (Model.chat_text), the answer as
+    # the reply (the embedded behaviour sets)
+    "chat": "{question}",
 }
 
 
@@ -93,8 +96,8 @@ class MCResult:
         return {"mc1": self.mc1, "mc2": self.mc2, "mc3": self.mc3, "n": len(self.per_question), "prompt": self.prompt}
 
 
-def _answer_ids(model: Model, answer: str) -> list[int]:
-    return model.encode(" " + answer.strip(), bos=False)
+def _answer_ids(model: Model, answer: str, lead: str = " ") -> list[int]:
+    return model.encode(lead + answer.strip(), bos=False)
 
 
 def mc_items(model: Model, questions: Sequence[MCQuestion], prompt: str = "instruction+primer"):
@@ -109,11 +112,15 @@ def mc_items(model: Model, questions: Sequence[MCQuestion], prompt: str = "instr
     for q in questions:
         made: dict[str, Prompt] = {}
         for ctx, ans, _ in q.answers():
+            text = template.format(question=q.question + ctx)
+            if prompt == "chat":
+                text = model.chat_text(text)
             if ctx not in made:
-                ids = model.encode(template.format(question=q.question + ctx))
+                ids = model.encode(text)
                 made[ctx] = Prompt(ids=ids, steer_from=len(ids) - 1)
             prompts.append(made[ctx])
-            conts.append(_answer_ids(model, ans))
+            # a chat template ends the prompt with the reply's header line: no space before the answer
+            conts.append(_answer_ids(model, ans, "" if text.endswith("\n") else " "))
     return prompts, conts
 
 

@@ -623,7 +623,8 @@ class LiveTrace(_App):
                 strength.x, strength.y = data["step"], data["strength"]
                 strength.marker.color = ["#bdbdbd" if d else "#1f77b4" for d in data["discarded"]]
                 top = max([1.0, *data["strength"]])  # both axes put 0 at the same height
-                self.chart.layout.yaxis2.range = [-0.02 * top, 1.02 * top]
+                low = min([0.0, *data["strength"]])  # a learned strength (CLAS) may be negative
+                self.chart.layout.yaxis2.range = [low - 0.02 * (top - low), 1.02 * top]
                 self.chart.layout.shapes = self._shapes(data["rollbacks"])
                 self.chart.layout.annotations = [
                     {"x": step - 0.5, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "showarrow": False,

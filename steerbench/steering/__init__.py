@@ -2,12 +2,14 @@
 shared pieces in :mod:`steerbench.blocks` (where, when and how to steer)."""
 
 from steerbench.blocks import (
+    EVERYWHERE,
     FROM_INSTRUCTION,
     GENERATED,
     LAST_PROMPT_TOKEN,
     Add,
     AddGated,
     AnyOf,
+    Everywhere,
     FromState,
     Intervention,
     ScaleClean,
@@ -16,14 +18,16 @@ from steerbench.blocks import (
 )
 from steerbench.steerer import Decision, Flagger, Steerer, StepContext, StepState
 from steerbench.steering.caa import CAA
+from steerbench.steering.clas import CLAS, LoRA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import ITI, HeadProbes, HeadReadout, HeadShift
 from steerbench.steering.real import REAL, HeadRelevance
 from steerbench.steering.sadi import SADI
 
 __all__ = [
-    "CAA", "FASB", "REAL", "SADI", "HeadProbes", "HeadRelevance",
+    "CAA", "CLAS", "FASB", "LoRA", "REAL", "SADI", "HeadProbes", "HeadRelevance",
     "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
-    "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "ScaleClean", "AddGated", "AnyOf", "FromState",
-    "FROM_INSTRUCTION", "LAST_PROMPT_TOKEN", "GENERATED",
+    "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "ScaleClean", "AddGated", "AnyOf",
+    "Everywhere", "FromState",
+    "FROM_INSTRUCTION", "LAST_PROMPT_TOKEN", "GENERATED", "EVERYWHERE",
 ]
