@@ -70,3 +70,12 @@ __all__ = [
     "MCQuestion",
     "qa_examples",
 ]
+
+
+def __getattr__(name: str):
+    """``sb.plots`` and ``sb.widgets`` on first use (plotly and ipywidgets load only then)."""
+    if name in ("plots", "widgets", "geometry", "evaluation", "truthfulqa", "benchmark"):
+        import importlib
+
+        return importlib.import_module(f"steerbench.{name}")
+    raise AttributeError(f"module 'steerbench' has no attribute {name!r}")

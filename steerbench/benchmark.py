@@ -127,6 +127,8 @@ class AnswerActivations:
     def path(self) -> Path:
         fp = self.model.fingerprint()
         what = self.template if self.kind != "resid" else PROMPTS.get(self.prompt, self.prompt)
+        if self.kind == "resid" and self.prompt == "chat":  # formatted by the model's chat template
+            what = f"chat:{what}"
         parts = [fp.get("weights_sha256"), fp.get("model_name"), questions_hash(self.questions), what]
         if self.kind != "z":  # (keys of "z" caches written before kinds existed stay valid)
             parts.append(self.kind)
@@ -425,13 +427,12 @@ class CLASMethod(Method):
 
     def candidates(self, data, grid):
         train_set, val_set, vectors = clas_data(data)
-        epochs = int(grid.get("epochs", [8])[0])
-        steer = CLAS.fit(data.model, train_set, val_set, vectors, self.variant, epochs=epochs)
-        h = steer.info["history"]
-        params = ({"strength": steer.strength} if self.variant == "fixed"
-                  else {"epochs": epochs, "best_epoch": h["best_epoch"]})
-        steer.info.update(n_fit=len(data.fit), n_val=len(data.val), prompt=data.prompt)
-        return [(params, steer)]
+        out = []
+        for epochs in grid["epochs"]:  # several values: one trained steerer each, chosen on validation like any setting
+            steer = CLAS.fit(data.model, train_set, val_set, vectors, self.variant, epochs=int(epochs))
+            steer.info.update(n_fit=len(data.fit), n_val=len(data.val), prompt=data.prompt)
+            out.append(({"epochs": int(epochs), "best_epoch": steer.info["history"]["best_epoch"]}, steer))
+        return out
 
 
 @register
@@ -478,10 +479,14 @@ class LoRAMethod(Method):
 
     def candidates(self, data, grid):
         train_set, val_set, _ = clas_data(data)
-        lr, epochs = float(grid["lr"][0]), int(grid["epochs"][0])
-        steer = LoRA.fit(data.model, train_set, val_set, lr=lr, epochs=epochs)
-        steer.info.update(n_fit=len(data.fit), n_val=len(data.val), prompt=data.prompt)
-        return [({"lr": lr, "epochs": epochs, "best_epoch": steer.info["history"]["best_epoch"]}, steer)]
+        out = []
+        for lr in grid["lr"]:
+            for epochs in grid["epochs"]:
+                steer = LoRA.fit(data.model, train_set, val_set, lr=float(lr), epochs=int(epochs))
+                steer.info.update(n_fit=len(data.fit), n_val=len(data.val), prompt=data.prompt)
+                out.append(({"lr": float(lr), "epochs": int(epochs), "best_epoch": steer.info["history"]["best_epoch"]},
+                            steer))
+        return out
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
@@ -659,9 +664,7 @@ def run_bench(
             gen = generation_metrics(model, test_q[:generate], steer, prompt, max_new_tokens) if generate else {}
             for i, pq in zip(test, test_res.per_question):
                 per_question[name][f * len(questions) + i if few_label else i] = pq
-            two = all(len(q.correct) + len(q.incorrect) == 2 for q in test_q)
-            margin = {"margin": float(np.mean([np.log(np.clip(pq[1], 1e-15, 1)) - np.log(np.clip(1 - pq[1], 1e-15, 1))
-                                               for pq in test_res.per_question]))} if two else {}
+            margin = {"margin": test_res.margin} if test_res.margin is not None else {}
             rows.append({
                 "method": name, "fold": f, "params": params, "describe": steer.describe() if steer else "none",
                 "mc1": test_res.mc1, "mc2": test_res.mc2, "mc3": test_res.mc3, "kl": kl, "n_test": len(test),
@@ -707,7 +710,8 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     template = PROMPTS.get(prompt, prompt)
     t0 = time.perf_counter()
     answers, rollbacks, strengths = [], 0, []
-    prompts = [model.encode(template.format(question=q.question)) for q in questions]
+    texts = [template.format(question=q.question) for q in questions]
+    prompts = [model.encode(model.chat_text(t) if prompt == "chat" else t) for t in texts]
     # the instruction and primer every prompt starts with: computed once, not per question
     share = len(prompts) > 1 and (steer is None or steer.prefix_invariant)
     head = SharedPrefix.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None

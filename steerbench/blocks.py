@@ -296,11 +296,15 @@ class AddGated(Operator):
     bias: torch.Tensor
 
     def gate(self, a: torch.Tensor) -> torch.Tensor:
-        """``c . a + b`` at every column: ``[B, T]``."""
-        return a @ self._like(self.weight, a) + self._like(self.bias, a)
+        """``c . a + b`` at every column: ``[B, T]``, in float32 whatever the model's dtype
+        (as the reference steers: a bf16 bias would round in steps of 0.01-0.03)."""
+        a32 = a.float()
+        return a32 @ self._like(self.weight, a32) + self._like(self.bias, a32)
 
     def apply(self, a: torch.Tensor, m: torch.Tensor, s: Any) -> torch.Tensor:
-        return a + (s * m) * self.gate(a).unsqueeze(-1) * self._like(self.vector, a)
+        a32 = a.float()
+        out = a32 + (s * m.float()) * self.gate(a32).unsqueeze(-1) * self._like(self.vector, a32)
+        return out.to(a.dtype)
 
     def applied(self, a: torch.Tensor, s: Any) -> torch.Tensor:
         s = s.reshape(-1, 1) if isinstance(s, torch.Tensor) else s
@@ -344,8 +348,8 @@ def intervention_hooks(interventions: list[Intervention], ctx: StepContext) -> l
             if not iv.op.reads_clean:
                 if not torch.is_grad_enabled():  # what the trace shows: the strength applied per column
                     g = iv.op.applied(a, s if not isinstance(s, torch.Tensor) else s.to(a))
-                    if g is not None:
-                        ctx.applied[iv.site.hook] = (g * m.reshape(g.shape)).detach()
+                    if g is not None and g.ndim == 2:  # [B, T]: one strength per column (a flat site)
+                        ctx.applied[iv.site.hook] = (g * iv.rule.mask(ctx).to(g.dtype)).detach()
                 return iv.op.apply(a, m, _as_rows(s, a)).reshape(act.shape)
             if not bool(m.any()):  # nothing steered in this pass (a decode step): no clean pre-pass ran
                 return act

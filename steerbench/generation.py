@@ -240,7 +240,8 @@ def generate(
             strength = float(ctx.strength) if col_steered and ctx.strength is not None else 0.0
             per_site = None
             if col_steered and ctx.applied:
-                per_site = {k: float(v[0, -1]) for k, v in ctx.applied.items()}
+                last = torch.stack([v[0, -1] for v in ctx.applied.values()]).tolist()  # one device sync per token
+                per_site = dict(zip(ctx.applied, last))
                 strength = sum(per_site.values()) / len(per_site)
             col_steered = col_steered and strength != 0
             ts = TokenStep(step_no, len(seq), token, model.decode([token]), strength, col_steered, site_strengths=per_site)

@@ -91,6 +91,8 @@ class MCResult:
     per_question: list[tuple[float, float, float]]
     prompt: str
     info: dict = field(default_factory=dict)  # what the scoring did besides scoring (e.g. FASB's interventions)
+    # two-answer sets: the mean log-probability of the gold answer minus the other's (None otherwise)
+    margin: float | None = None
 
     def as_dict(self) -> dict:
         return {"mc1": self.mc1, "mc2": self.mc2, "mc3": self.mc3, "n": len(self.per_question), "prompt": self.prompt}
@@ -126,16 +128,19 @@ def mc_items(model: Model, questions: Sequence[MCQuestion], prompt: str = "instr
 
 def mc_result(questions: Sequence[MCQuestion], logprobs: Sequence[float], prompt: str = "") -> MCResult:
     """MC1/MC2/MC3 from every answer's summed log-probability in ``mc_items`` order."""
-    per_q, at = [], 0
+    per_q, gaps, at = [], [], 0
     for q in questions:
         n_t, n_f = len(q.correct), len(q.incorrect)
         row = [float(x) for x in logprobs[at : at + n_t + n_f]]
         per_q.append(mc_metrics(row[:n_t], row[n_t:], best=q.correct.index(q.best)))
+        if n_t == n_f == 1:
+            gaps.append(row[0] - row[1])
         at += n_t + n_f
     if at != len(logprobs):
         raise ValueError(f"{len(logprobs)} scores for {at} answers")
     means = [sum(v[j] for v in per_q) / len(per_q) for j in range(3)]
-    return MCResult(means[0], means[1], means[2], per_question=per_q, prompt=prompt)
+    margin = sum(gaps) / len(gaps) if len(gaps) == len(per_q) else None
+    return MCResult(means[0], means[1], means[2], per_question=per_q, prompt=prompt, margin=margin)
 
 
 def mc_scores(

@@ -622,8 +622,8 @@ class LiveTrace(_App):
                 score.marker.color = ["#bdbdbd" if d else "#ff7f0e" for d in data["score_discarded"]]
                 strength.x, strength.y = data["step"], data["strength"]
                 strength.marker.color = ["#bdbdbd" if d else "#1f77b4" for d in data["discarded"]]
-                top = max([1.0, *data["strength"]])  # both axes put 0 at the same height
-                low = min([0.0, *data["strength"]])  # a learned strength (CLAS) may be negative
+                top = max([1.0, *data["strength"]])  # both axes put 0 at the same height, unless
+                low = min([0.0, *data["strength"]])  # a learned strength (CLAS) goes negative
                 self.chart.layout.yaxis2.range = [low - 0.02 * (top - low), 1.02 * top]
                 self.chart.layout.shapes = self._shapes(data["rollbacks"])
                 self.chart.layout.annotations = [

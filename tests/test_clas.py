@@ -223,3 +223,21 @@ def test_bench_runs_clas_variants_in_the_few_label_protocol(model):
     for sp in res.config["splits"]:
         assert not set(sp["train"]) & set(sp["test"])
     assert hook_count(model) == 0
+
+
+def test_margin_is_the_raw_log_probability_gap_and_does_not_saturate():
+    from steerbench.truthfulqa import mc_result
+
+    qs = [sb.MCQuestion("q1", "a", ("a",), ("b",)), sb.MCQuestion("q2", "c", ("c",), ("d",))]
+    res = mc_result(qs, [-1.0, -61.0, -5.0, -3.0])
+    assert res.margin == pytest.approx((60.0 - 2.0) / 2)
+    assert mc_result([sb.MCQuestion("q", "a", ("a", "b"), ("c",))], [-1.0, -2.0, -3.0]).margin is None
+
+
+def test_training_a_steerer_that_touches_nothing_is_refused(model, tone_examples, tone_vectors):
+    steer = CLAS.identity(tone_vectors, fitted_on=model.fingerprint()).scaled(0.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        from steerbench.steering.clas import train
+
+        train(model, steer, {"bias": (steer.bias, 0.1)}, tone_examples[:2], tone_examples[2:4], epochs=1)
+    assert not steer.bias.requires_grad and hook_count(model) == 0

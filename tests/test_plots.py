@@ -282,3 +282,11 @@ def test_save_html(tmp_path, sweep_df):
     assert "plotly" in page and "<html" in page and "Answer-likelihood" in page
     # plotly.js is inlined (megabytes), not loaded from a CDN: the page works offline
     assert len(page) > 1_000_000 and 'src="http' not in page
+
+
+def test_plots_and_widgets_are_reachable_as_the_readme_writes_them():
+    import steerbench as sb
+
+    assert callable(sb.plots.trace) and callable(sb.plots.strength_map) and sb.widgets.LiveTrace
+    with pytest.raises(AttributeError, match="no attribute"):
+        sb.no_such_module  # noqa: B018

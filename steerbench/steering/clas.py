@@ -130,6 +130,9 @@ def example_nll(model: Model, steer: Steerer | None, items: Sequence[Example], g
         logits, batch = forward_batch(model, [seqs[i] for i in idx], steer, [len(items[i].prompt) - 1 for i in idx],
                                       grad=grad)
         assert logits is not None
+        if grad and not logits.requires_grad:
+            raise ValueError(f"nothing to train: {steer.describe() if steer else 'no steerer'} does not touch the "
+                             "pass (strength 0?) or none of its tensors requires grad")
         losses = []
         for row, i in enumerate(idx):
             e = items[i]
@@ -139,7 +142,8 @@ def example_nll(model: Model, steer: Steerer | None, items: Sequence[Example], g
             losses.append(-lp.gather(-1, tgt[:, None]).mean())
         stacked = torch.stack(losses)
         if grad:
-            (scale * stacked.sum()).backward()
+            with torch.enable_grad():  # (called inside no_grad too: forward_batch turned it on for the pass)
+                (scale * stacked.sum()).backward()
         out[torch.as_tensor(idx)] = stacked.detach().double().cpu()
     return out
 
@@ -167,7 +171,7 @@ def train(model: Model, steer: Steerer, params: dict[str, tuple[torch.Tensor, fl
         with frozen(model):
             with torch.no_grad():
                 best_val = float(example_nll(model, steer, val_set).mean())
-            history["train_loss"].append(float("nan"))
+            history["train_loss"].append(None)  # nothing trained at epoch 0 (None: the artifact header stays JSON)
             history["val_loss"].append(best_val)
             best, best_epoch = [t.detach().clone() for t in tensors], 0
             for epoch in range(1, epochs + 1):
