@@ -211,13 +211,13 @@ def test_few_label_draws_keep_training_validation_and_test_apart(model):
 
 
 def test_bench_runs_clas_variants_in_the_few_label_protocol(model):
-    qs = sb.load_mc("copa")[:40]
-    res = run_bench(model, qs, methods=["baseline", "clas-fixed", "clas"], few_label=4, draws=2,
+    qs = sb.load_mc("copa")[:30]
+    res = run_bench(model, qs, methods=["baseline", "clas-fixed", "clas"], few_label=3, draws=2,
                     prompt="copa", template="{question} {answer}", grids={"clas": {"epochs": [1]}},
                     kl_texts=["A short neutral sentence about the weather."], log=lambda _: None)
     table = res.summary().set_index("method")
     assert set(table.index) == {"baseline", "clas-fixed", "clas"}
-    assert (table["n"] == 2 * 32).all() and "mc1_sd" in table and "margin" in table
+    assert (table["n"] == 2 * 24).all() and "mc1_sd" in table and "margin" in table
     rows = [r for r in res.folds if r["method"] == "clas"]
     assert [r["params"]["epochs"] for r in rows] == [1, 1]
     for sp in res.config["splits"]:
