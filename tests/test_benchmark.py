@@ -75,17 +75,17 @@ def test_no_test_item_reaches_caa_or_sadi_fitting_or_selection(model, monkeypatc
 
     questions = sb.load_mc("copa")[:12]
     events: list = []
-    real_split, real_of = bm.inner_split, AnswerActivations.of
+    real_data, real_of = bm.FitData, AnswerActivations.of
 
-    def split(train, *a, **k):
+    def fold_data(*a, **k):  # what a fold's methods may see is made once per fold, before they run
         events.append(("fold", None))
-        return real_split(train, *a, **k)
+        return real_data(*a, **k)
 
     def of(self, qs):
         events.append((self.kind, list(qs)))
         return real_of(self, qs)
 
-    monkeypatch.setattr(bm, "inner_split", split)
+    monkeypatch.setattr(bm, "FitData", fold_data)
     monkeypatch.setattr(AnswerActivations, "of", of)
     scored = []
     for name in ("caa", "sadi", "sadi-neuron", "sadi-hidden"):
