@@ -464,9 +464,8 @@ class CLASFixed(CLASMethod):
     grid = {"strength": list(FIXED_GRID)}
 
     def candidates(self, data, grid):
-        train_set, _, vectors = clas_data(data)
-        base = CLAS.identity(vectors, "fixed", fitted_on=data.model.fingerprint())
-        steer = base.fit_fixed(data.model, train_set, [float(m) for m in grid["strength"]])
+        train_set, val_set, vectors = clas_data(data)
+        steer = CLAS.fit(data.model, train_set, val_set, vectors, "fixed", grid=[float(m) for m in grid["strength"]])
         steer.info.update(n_fit=len(data.fit), prompt=data.prompt)
         return [({"strength": steer.strength}, steer)]
 

@@ -349,7 +349,7 @@ def intervention_hooks(interventions: list[Intervention], ctx: StepContext) -> l
                 if not torch.is_grad_enabled():  # what the trace shows: the strength applied per column
                     g = iv.op.applied(a, s if not isinstance(s, torch.Tensor) else s.to(a))
                     if g is not None and g.ndim == 2:  # [B, T]: one strength per column (a flat site)
-                        ctx.applied[iv.site.hook] = (g * iv.rule.mask(ctx).to(g.dtype)).detach()
+                        ctx.applied[iv.site.hook] = (g * m.reshape(g.shape)).detach()
                 return iv.op.apply(a, m, _as_rows(s, a)).reshape(act.shape)
             if not bool(m.any()):  # nothing steered in this pass (a decode step): no clean pre-pass ran
                 return act

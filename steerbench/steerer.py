@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Decision", "Flagger", "HookFn", "STEERERS", "StepContext", "StepState", "Steerer", "check_strength",
            "load_steerer", "refuse_observing", "save_steerer"]
+
+
+S = TypeVar("S", bound="Steerer")
 
 
 def refuse_observing(steers: Iterable[Steerer | None], where: str) -> None:
@@ -126,7 +129,7 @@ class Steerer:
         """The strength in force when a call starts (a dynamic steerer may start at 0)."""
         return float(self.strength)
 
-    def scaled(self, strength: float) -> Steerer:
+    def scaled(self: S, strength: float) -> S:
         return dataclasses.replace(self, strength=check_strength(strength))  # type: ignore[type-var]
 
     def when_acting(self) -> Steerer:

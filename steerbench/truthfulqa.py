@@ -112,17 +112,18 @@ def mc_items(model: Model, questions: Sequence[MCQuestion], prompt: str = "instr
         raise ValueError(f"prompt must name one of {sorted(PROMPTS)} or contain '{{question}}'")
     prompts, conts = [], []
     for q in questions:
-        made: dict[str, Prompt] = {}
+        made: dict[str, tuple[Prompt, str]] = {}  # answers after the same text share its prompt
         for ctx, ans, _ in q.answers():
-            text = template.format(question=q.question + ctx)
-            if prompt == "chat":
-                text = model.chat_text(text)
             if ctx not in made:
+                text = template.format(question=q.question + ctx)
+                if prompt == "chat":
+                    text = model.chat_text(text)
                 ids = model.encode(text)
-                made[ctx] = Prompt(ids=ids, steer_from=len(ids) - 1)
-            prompts.append(made[ctx])
-            # a chat template ends the prompt with the reply's header line: no space before the answer
-            conts.append(_answer_ids(model, ans, "" if text.endswith("\n") else " "))
+                # a chat template ends the prompt with the reply's header line: no space before the answer
+                made[ctx] = (Prompt(ids=ids, steer_from=len(ids) - 1), "" if text.endswith("\n") else " ")
+            p, lead = made[ctx]
+            prompts.append(p)
+            conts.append(_answer_ids(model, ans, lead))
     return prompts, conts
 
 

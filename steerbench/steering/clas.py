@@ -34,7 +34,6 @@ same loop. It runs as hooks on the down projection's input and output (``mlp.out
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -161,6 +160,7 @@ def train(model: Model, steer: Steerer, params: dict[str, tuple[torch.Tensor, fl
         raise ValueError(f"epochs and accumulation must be at least 1, got {epochs} and {accumulation}")
     t0 = time.perf_counter()
     tensors = [t for t, _ in params.values()]
+    best, best_epoch = [t.detach().clone() for t in tensors], 0  # epoch 0: as given
     for t in tensors:
         t.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [t], "lr": lr} for t, lr in params.values()], weight_decay=0.0)
@@ -173,7 +173,6 @@ def train(model: Model, steer: Steerer, params: dict[str, tuple[torch.Tensor, fl
                 best_val = float(example_nll(model, steer, val_set).mean())
             history["train_loss"].append(None)  # nothing trained at epoch 0 (None: the artifact header stays JSON)
             history["val_loss"].append(best_val)
-            best, best_epoch = [t.detach().clone() for t in tensors], 0
             for epoch in range(1, epochs + 1):
                 order = torch.randperm(len(train_set), generator=gen).tolist()
                 seen = []
@@ -193,7 +192,7 @@ def train(model: Model, steer: Steerer, params: dict[str, tuple[torch.Tensor, fl
                     best = [t.detach().clone() for t in tensors]
     finally:
         with torch.no_grad():
-            for t, b in zip(tensors, best if "best" in locals() else [t.detach().clone() for t in tensors]):
+            for t, b in zip(tensors, best):
                 t.copy_(b)
         for t in tensors:
             t.requires_grad_(False)
@@ -286,9 +285,6 @@ class CLAS(Steerer):
     def interventions(self) -> list[Intervention]:
         return [Intervention(Site.resid(L), EVERYWHERE, AddGated(self.vectors[L], self.weight[L], self.bias[L]))
                 for L in self.layers]
-
-    def scaled(self, strength: float) -> CLAS:
-        return dataclasses.replace(self, strength=check_strength(strength))
 
     def check_model(self, model: Model) -> None:
         check_fingerprint(self.fitted_on, model, "this CLAS steerer")
@@ -405,9 +401,6 @@ class LoRA(Steerer):
 
             out += [(f"blocks.{L}.mlp.out.hook_in", read), (f"blocks.{L}.mlp.out.hook_out", write)]
         return out
-
-    def scaled(self, strength: float) -> LoRA:
-        return dataclasses.replace(self, strength=check_strength(strength))
 
     def check_model(self, model: Model) -> None:
         check_fingerprint(self.fitted_on, model, "this LoRA")
