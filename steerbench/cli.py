@@ -77,14 +77,17 @@ def log_row(path: Path, row: dict) -> None:
         fh.write(json.dumps(row, default=float) + "\n")
 
 
-def limit_heap_retention(threshold: int = 128 * 1024) -> bool:
+def limit_heap_retention(threshold: int = 4 * 1024 * 1024) -> bool:
     """Serve allocations above ``threshold`` bytes by mmap, so freed activations go back to
     the system (glibc only; a no-op elsewhere). glibc raises its mmap threshold as large
     blocks are freed, and the heap then keeps what batches of varying length left behind:
     collecting the residual streams of 200 BoolQ answers (up to 600 tokens) peaked at
-    7.1 GB and kept 3.6 GB afterwards; with this, 2.1 GB and 1.15 GB (the model), for
-    1.17x the time. The bench owns its process, so it sets this; a notebook can set
-    ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment instead."""
+    7.1 GB and kept 3.6 GB afterwards; with a fixed threshold, 2.1 GB and 1.15 GB (the
+    model). The same 2.14 GB peak at 128 KiB, 1 MiB and 4 MiB (149, 132, 140 s); but a
+    CLAS training run on the tone set took 1.42x the wall time at 128 KiB than at 4 MiB
+    (132 s against 93 s, twice the system time in page faults; peak 2.36 against 2.71 GB),
+    so 4 MiB. The bench owns its process, so it sets this; a notebook can set
+    ``MALLOC_MMAP_THRESHOLD_=4194304`` in the environment instead."""
     import ctypes
     import ctypes.util
 

@@ -51,7 +51,9 @@ from steerbench.steerer import Steerer, check_strength
 
 VARIANTS = {"clas": ("weight", "bias"), "scalar": ("bias",), "rank1": ("weight", "bias", "vectors"), "fixed": ()}
 LRS = {"weight": 3e-3, "bias": 0.1, "vectors": 3e-3}  # the reference's lrs for w and b; v as w
-FIXED_GRID = (0.0, -8.0, -4.0, -2.0, -1.0, 1.0, 2.0, 4.0, 8.0)  # the identity first: it wins ties
+# The identity first: it wins ties. Every layer adds the same b * v, so the total shift is
+# n_layers * b; +-0.25 and +-0.5 were added after +-1 hurt on tone and 0 won 2 draws of 3.
+FIXED_GRID = (0.0, -8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Rows x width of one training micro-batch: backward keeps every layer's activations, so
 # this is smaller than the scoring passes' budget (10 BoolQ passages of 400 tokens: ~6 GB).
 TRAIN_BATCH_TOKENS = MAX_BATCH_TOKENS // 2
