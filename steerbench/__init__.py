@@ -13,6 +13,7 @@ from steerbench.datasets import (
     load_truthfulqa,
     qa_examples,
 )
+from steerbench.errors import ArtifactError, DatasetError, ModelMismatch, ParameterError, SteerbenchError
 from steerbench.generation import Generation, Trace, generate
 from steerbench.model import Model, Prompt, load_model
 from steerbench.passes import SharedPrefix, forward_batch
@@ -36,6 +37,11 @@ from steerbench.steering import (
 
 __all__ = [
     "ABItem",
+    "ArtifactError",
+    "DatasetError",
+    "ModelMismatch",
+    "ParameterError",
+    "SteerbenchError",
     "CAA",
     "CLAS",
     "FASB",

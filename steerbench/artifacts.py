@@ -16,14 +16,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from steerbench.errors import ArtifactError, ModelMismatch
+
 if TYPE_CHECKING:
     from steerbench.model import Model
 
 HEADER_KEY = "steerbench"
 
 
-class ArtifactMismatch(ValueError):
-    """An artifact was fitted on another model (or mode) than the one it is used with."""
+ArtifactMismatch = ModelMismatch  # the older name
 
 
 def version() -> str:
@@ -44,24 +45,58 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], hea
 
 
 def load_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON header of the artifact at ``path``; ArtifactError (naming the
+    file) for a folder, a file that is not safetensors, or one without steerbench's header."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no artifact at {p}")
-    with safe_open(str(p), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not p.is_file():
+        raise ArtifactError(f"{p} is a folder, not an artifact file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(p))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+        raise ArtifactError(f"{p} is not a readable safetensors file ({type(err).__name__}: {err})") from None
     if HEADER_KEY not in meta:
-        raise ValueError(f"{p} is not a steerbench artifact (no '{HEADER_KEY}' header)")
-    return load_file(str(p)), json.loads(meta[HEADER_KEY])
+        raise ArtifactError(f"{p} is not a steerbench artifact (no '{HEADER_KEY}' header)")
+    try:
+        header = json.loads(meta[HEADER_KEY])
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{p}: its '{HEADER_KEY}' header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{p}: its '{HEADER_KEY}' header is not a JSON object")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ArtifactError(f"{p}: tensor {name!r} holds NaN or inf")
+    return tensors, header
+
+
+PROVENANCE_KEYS = ("model_name", "weights_sha256", "compatibility_mode", "d_model", "n_layers")
+
+
+def check_provenance(fitted_on: object, where: object) -> dict:
+    """``fitted_on`` if it names a model (every key the model check compares), else an
+    ArtifactError: an artifact that does not say which model it was fitted on is refused,
+    never used unchecked."""
+    missing = [k for k in PROVENANCE_KEYS if not isinstance(fitted_on, dict) or k not in fitted_on]
+    if missing:
+        raise ArtifactError(f"{where} does not say which model it was fitted on (no {', '.join(missing)} in "
+                            "'fitted_on'); refit and save it again")
+    assert isinstance(fitted_on, dict)
+    return fitted_on
 
 
 def check_fingerprint(fitted_on: dict | None, model: Model, what: str = "this artifact") -> None:
-    """Raise ArtifactMismatch unless ``model`` is the one ``fitted_on`` describes."""
+    """Raise ModelMismatch unless ``model`` is the one ``fitted_on`` describes (an empty
+    ``fitted_on``, a steerer built by hand rather than fitted, is not checked; a loaded
+    artifact without provenance is refused when it loads: ``check_provenance``)."""
     if not fitted_on:
         return
     here = model.fingerprint()
-    for key in ("model_name", "weights_sha256", "compatibility_mode", "d_model", "n_layers"):
+    for key in PROVENANCE_KEYS:
         if key in fitted_on and fitted_on[key] != here.get(key):
-            raise ArtifactMismatch(
+            raise ModelMismatch(
                 f"{what} was fitted on {fitted_on.get('model_name')} "
                 f"({key}={fitted_on[key]!r}) but the model here has {key}={here.get(key)!r}; "
                 "refit it on this model"

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch
 from steerbench.activations import collect_heads, collect_resid
 from steerbench.artifacts import load_artifact, save_artifact
 from steerbench.datasets import MCQuestion, neutral_texts, qa_examples
+from steerbench.errors import ArtifactError, ParameterError
 from steerbench.evaluation import kl_to_unsteered
 from steerbench.model import Model, cache_dir
 from steerbench.probes import group_split
@@ -122,6 +125,7 @@ class AnswerActivations:
             n = len(q.correct) + len(q.incorrect)
             self._rows.setdefault(q, range(at, at + n))
             at += n
+        self._n = at  # rows: one per answer
         self.seconds = 0.0  # time spent collecting (0 when read from the disk cache)
 
     def path(self) -> Path:
@@ -151,8 +155,8 @@ class AnswerActivations:
         if self._acts is None:
             p = self.path()
             if self.cache and p.exists():
-                self._acts = load_artifact(p)[0]["z"]
-            else:
+                self._acts = self._load_cached(p)
+            if self._acts is None:
                 t0 = time.perf_counter()
                 self._acts = self._collect()
                 self.seconds = time.perf_counter() - t0
@@ -160,6 +164,19 @@ class AnswerActivations:
                     save_artifact(p, {"z": self._acts}, {"what": f"{self.kind} per answer", "template": self.template,
                                                          "fitted_on": self.model.fingerprint()})
         return self._acts
+
+    def _load_cached(self, p: Path) -> torch.Tensor | None:
+        """The cached activations, or None (with a warning) if the file is truncated,
+        corrupt or holds another number of rows: they are then collected again."""
+        n = self._n
+        try:
+            acts = load_artifact(p)[0].get("z")
+            if acts is None or acts.shape[0] != n:
+                raise ArtifactError(f"{p} holds {None if acts is None else acts.shape[0]} rows, not {n}")
+            return acts
+        except (ArtifactError, OSError) as err:
+            warnings.warn(f"activation cache {p} is unusable ({err}); collecting again", stacklevel=3)
+            return None
 
     def of(self, questions: Sequence[MCQuestion]) -> torch.Tensor:
         """Rows of ``questions`` in ``qa_examples`` order: [N_answers, n_layers, ...]."""
@@ -229,6 +246,9 @@ class Method:
     name: str = ""
     description: str = ""
     grid: dict[str, list] = {}
+    # param -> (low, high) inclusive bounds a --set value must respect (None: unbounded);
+    # whole-number parameters not listed must be at least 1
+    limits: dict[str, tuple[float | None, float | None]] = {}
     scoring: str = "uniform"  # how MC answers are scored: steered throughout, or the method's own mode
 
     def candidates(self, data: FitData, grid: dict[str, list]) -> list[tuple[dict, Steerer | None]]:
@@ -284,6 +304,7 @@ class FASBMethod(Method):
     description = "FASB: head probes decide when and how strongly to steer; MC answers scored in FASB's MC mode"
     # reference run: K=24 (of 1,024 heads), alpha=60, threshold=0.6, backtrack=10; scaled to 270 heads
     grid = {"k": [16], "alpha": [15.0, 30.0, 60.0], "threshold": [0.5, 0.6], "backtrack": [10]}
+    limits = {"threshold": (0.0, 1.0), "backtrack": (0, None)}
     scoring = "fasb-mc"
 
     def candidates(self, data, grid):
@@ -305,6 +326,7 @@ class CAAMethod(Method):
     description = ("CAA fitted on each fold's training items: residual stream averaged over the answer tokens, "
                    "prompt + true answer minus prompt + false answer; one layer steered from the last prompt token")
     grid = {"layer": [0.25, 0.5, 0.75], "multiplier": [1.0, 2.0, 4.0, 8.0]}  # layer: a fraction of the depth
+    limits = {"layer": (0.0, 1.0)}
 
     def candidates(self, data, grid):
         _, labels, groups = qa_examples(data.fit, data.template)
@@ -475,6 +497,7 @@ class LoRAMethod(Method):
     name = "lora"
     description = "LoRA rank 1 on every layer's MLP down projection, trained like CLAS (best validation checkpoint)"
     grid = {"lr": [1e-2], "epochs": [8]}
+    limits = {"lr": (1e-12, None)}
 
     def candidates(self, data, grid):
         train_set, val_set, _ = clas_data(data)
@@ -489,23 +512,40 @@ class LoRAMethod(Method):
 
 
 def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
-    """``["iti.k=8,16", "iti.alpha=15"]`` -> ``{"iti": {"k": [8, 16], "alpha": [15.0]}}``."""
+    """``["iti.k=8,16", "iti.alpha=15"]`` -> ``{"iti": {"k": [8, 16], "alpha": [15.0]}}``.
+
+    Every value is checked here, before a model loads: its type (that of the default grid),
+    finiteness, and the method's ``limits`` (whole-number parameters are at least 1 unless
+    a limit says otherwise). Errors are ParameterErrors naming the setting."""
     out: dict[str, dict[str, list]] = {}
     for s in settings:
         try:
             key, values = s.split("=", 1)
             method, param = key.split(".", 1)
         except ValueError:
-            raise ValueError(f"a setting looks like method.param=v1,v2 (e.g. iti.alpha=5,15), got {s!r}") from None
+            raise ParameterError(f"a setting looks like method.param=v1,v2 (e.g. iti.alpha=5,15), got {s!r}") from None
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} in {s!r}; known: {', '.join(METHODS)}")
-        if param not in METHODS[method].grid:
-            raise ValueError(f"{method} has no parameter {param!r}; it has: {', '.join(METHODS[method].grid) or 'none'}")
-        kind = type(METHODS[method].grid[param][0])
+            raise ParameterError(f"unknown method {method!r} in {s!r}; known: {', '.join(METHODS)}")
+        m = METHODS[method]
+        if param not in m.grid:
+            raise ParameterError(f"{method} has no parameter {param!r}; it has: {', '.join(m.grid) or 'none'}")
+        kind = type(m.grid[param][0])
+        texts = [v.strip() for v in values.split(",") if v.strip()]
+        if not texts:
+            raise ParameterError(f"{s!r} gives no value for {method}.{param}")
         try:
-            out.setdefault(method, {})[param] = [kind(v) for v in values.split(",") if v != ""]
+            parsed = [kind(v) for v in texts]
         except ValueError:
-            raise ValueError(f"{s!r}: {param} takes {kind.__name__} values") from None
+            raise ParameterError(f"{s!r}: {param} takes {kind.__name__} values") from None
+        low, high = m.limits.get(param, (1, None) if kind is int else (None, None))
+        for v in parsed:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ParameterError(f"{s!r}: {param} must be finite, got {v}")
+            if isinstance(v, int | float) and ((low is not None and v < low) or (high is not None and v > high)):
+                span = (f"at least {low:g}" if high is None else f"at most {high:g}" if low is None
+                        else f"between {low:g} and {high:g}")
+                raise ParameterError(f"{s!r}: {method}.{param} must be {span}, got {v:g}")
+        out.setdefault(method, {})[param] = parsed
     return out
 
 
@@ -701,22 +741,12 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     TruthfulQA's automatic truth metric (max similarity to a true reference minus max to a
     false one, > 0 = true) under ROUGE-L and MiniLM embeddings; for dynamic steerers also
     the rollbacks per answer and the strengths they chose."""
-    from steerbench.generation import generate
-    from steerbench.model import Prompt
-    from steerbench.passes import SharedPrefix
     from steerbench.textmetrics import answer_truth, truth_summary
+    from steerbench.truthfulqa import generate_answers
 
-    template = PROMPTS.get(prompt, prompt)
     t0 = time.perf_counter()
     answers, rollbacks, strengths = [], 0, []
-    texts = [template.format(question=q.question) for q in questions]
-    prompts = [model.encode(model.chat_text(t) if prompt == "chat" else t) for t in texts]
-    # the instruction and primer every prompt starts with: computed once, not per question
-    share = len(prompts) > 1 and (steer is None or steer.prefix_invariant)
-    head = SharedPrefix.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None
-    for ids in prompts:
-        g = generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
-                     stop=("\n",), prefix=head)
+    for g in generate_answers(model, questions, steer, prompt, max_new_tokens):
         answers.append(g.text.strip())
         rollbacks += len(g.trace.rollbacks)
         strengths += [e.detail["strength"] for e in g.trace.events if e.kind == "strength"]

@@ -4,9 +4,84 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+
+# -- argument types: a bad value stops argparse itself, before anything loads ------------------
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = _finite(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v:g}")
+    return v
+
+
+def _non_negative(text: str) -> float:  # may be inf (the KL budget: no budget)
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return v
+
+
+def prepare_out(path: str) -> Path:
+    """The output folder, created and proved writable before any work (a ParameterError
+    naming the path otherwise), so a run never dies after its expensive part."""
+    from steerbench.errors import ParameterError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is a file, not a folder; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".steerbench-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ParameterError(f"--out {out} cannot be written ({err.strerror or err}); choose another folder") from None
+    return out
+
+
+def check_layers(model, layer: int | None, sweep: list[int] | None) -> None:
+    """Layers given on the command line, checked against the model right after it loads,
+    before any fitting (negative layers count from the end)."""
+    from steerbench.errors import ParameterError
+
+    for name, values in (("--layer", [] if layer is None else [layer]), ("--sweep-layers", sweep or [])):
+        for v in values:
+            try:
+                model.check_layer(v)
+            except ParameterError as err:
+                raise ParameterError(f"{name}: {err}") from None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -16,14 +91,19 @@ def demo(args: argparse.Namespace) -> int:
     from steerbench.report import generations_html, write_page
 
     t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out)
+    from steerbench.datasets import behaviors
+    from steerbench.errors import ParameterError
+
+    if args.behaviour not in behaviors():
+        raise ParameterError(f"--behaviour {args.behaviour!r} is not an embedded set; choose from {behaviors()}")
 
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
     model = sb.load_model(args.model)
     say(f"loaded {model}")
+    check_layers(model, args.layer, args.sweep_layers)
     # layers as fractions of the depth, so the defaults travel between models (30 layers: 18; 6/12/18/24)
     layer = args.layer if args.layer is not None else round(0.6 * model.n_layers)
     sweep_layers = args.sweep_layers or sorted({round(f * model.n_layers) for f in (0.2, 0.4, 0.6, 0.8)})
@@ -112,14 +192,13 @@ def bench(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     limit_heap_retention()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.jsonl").unlink(missing_ok=True)
-    grids = parse_grid(args.set)  # fail on a typo before loading anything
-    model = sb.load_model(args.model)
+    grids = parse_grid(args.set)  # fail on a typo or a bad value before loading anything
     spec = mc_set(args.data)
     prompt = args.prompt or spec.prompt
-    every = load_mc(args.data)
+    every = load_mc(args.data)  # a missing or malformed file fails here, before the model loads
+    out = prepare_out(args.out)
+    (out / "rows.jsonl").unlink(missing_ok=True)
+    model = sb.load_model(args.model)
     questions = load_mc(args.data, limit=args.limit, seed=args.seed) if args.limit is not None else every
     protocol = (f"{args.draws} draws of {args.few_label} fit + {args.few_label} validation items, the rest test"
                 if args.few_label else f"{args.folds}-fold CV by item, {1 - args.val_fraction:.0%}/"
@@ -176,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="layer steered in the generations (default: 60%% of the depth, 18 of 30)")
     d.add_argument("--sweep-layers", type=int, nargs="+", default=None,
                    help="layers of the A/B sweep (default: 20/40/60/80%% of the depth)")
-    d.add_argument("--multipliers", type=float, nargs="+", default=[-4.0, 0.0, 4.0])
-    d.add_argument("--n-train", type=int, default=None, help="training pairs used (default: all)")
-    d.add_argument("--n-test", type=int, default=25, help="held-out A/B items scored per setting")
-    d.add_argument("--n-prompts", type=int, default=3, help="open-ended prompts to generate from")
-    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--multipliers", type=_finite, nargs="+", default=[-4.0, 0.0, 4.0])
+    d.add_argument("--n-train", type=_int_at_least(1), default=None, help="training pairs used (default: all)")
+    d.add_argument("--n-test", type=_int_at_least(1), default=25, help="held-out A/B items scored per setting")
+    d.add_argument("--n-prompts", type=_int_at_least(1), default=3, help="open-ended prompts to generate from")
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=40)
     b = sub.add_parser("bench", help="compare steering methods on multiple-choice data (TruthfulQA, COPA, WinoGrande, "
                                      "BoolQ, MMLU) with cross-validation by item")
     b.add_argument("--methods", nargs="+", default=["baseline", "iti", "fasb"], choices=sorted(METHODS),
@@ -189,42 +268,48 @@ def main(argv: list[str] | None = None) -> int:
                    help="truthfulqa, copa, winogrande, boolq, mmlu (../shared/data), misconceptions, tone, refusal (embedded), a "
                         "TruthfulQA-format CSV or multiple-choice JSON(L) records (default: %(default)s)")
     b.add_argument("--model", default=None, help="a model name (default: SmolLM2-135M-Instruct, offline)")
-    b.add_argument("--limit", type=int, default=None,
+    b.add_argument("--limit", type=_int_at_least(1), default=None,
                    help="use N items: the first N questions of a TruthfulQA-format CSV, a random subset (seeded by "
                         "--seed) of the other sets (default: all)")
-    b.add_argument("--folds", type=int, default=2)
-    b.add_argument("--few-label", type=int, default=0, metavar="N",
+    b.add_argument("--folds", type=_int_at_least(2), default=2)
+    b.add_argument("--few-label", type=_int_at_least(0), default=0, metavar="N",
                    help="instead of cross-validation: train on N items, validate on N, test on the rest "
                         "(CLAS's protocol: 10), over --draws seeded draws")
-    b.add_argument("--draws", type=int, default=3, help="seeded draws of the --few-label items (default: %(default)s)")
-    b.add_argument("--val-fraction", type=float, default=0.2, help="validation share of each fold's training questions")
-    b.add_argument("--seed", type=int, default=42)
+    b.add_argument("--draws", type=_int_at_least(1), default=3,
+                   help="seeded draws of the --few-label items (default: %(default)s)")
+    b.add_argument("--val-fraction", type=_fraction, default=0.2, help="validation share of each fold's training questions")
+    b.add_argument("--seed", type=_int_at_least(0), default=42)
     b.add_argument("--prompt", default=None, choices=sorted(PROMPTS),
                    help="scoring prompt template (default: the set's own: instruction+primer for TruthfulQA, "
                         "zero-shot templates for the others; docs/benchmarks.md)")
     b.add_argument("--select", default="mc2", choices=["mc1", "mc2", "mc3"], help="validation metric that picks hyperparameters")
     b.add_argument("--set", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
                    help="override a method's hyperparameter grid, e.g. --set iti.alpha=5,15 (repeatable)")
-    b.add_argument("--generate", type=int, default=0, metavar="N",
+    b.add_argument("--generate", type=_int_at_least(0), default=0, metavar="N",
                    help="also generate answers to the first N test questions of each fold and score them "
                         "with TruthfulQA's automatic truth metric (ROUGE-L and embeddings)")
-    b.add_argument("--max-new-tokens", type=int, default=50)
-    b.add_argument("--max-kl", type=float, default=0.5,
+    b.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
+    b.add_argument("--max-kl", type=_non_negative, default=0.5,
                    help="choose only settings whose KL to the unsteered model on neutral text (nats/token) is at "
                         "most this (default: %(default)s; 'inf' chooses on the validation score alone)")
-    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--batch-size", type=_int_at_least(1), default=16)
     b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
     b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")
     doc = sub.add_parser("doctor", help="versions, device, cache folder, the default model's fingerprint and a "
                                         "smoke check (run it when something looks wrong)")
     doc.add_argument("--no-smoke", action="store_true", help="skip the smoke check (generation and the KV-cache test)")
     args = parser.parse_args(argv)
-    if args.command == "doctor":
-        return doctor(args)
-    if args.command == "demo":
-        return demo(args)
-    if args.command == "bench":
-        return bench(args)
+    from steerbench.errors import SteerbenchError
+
+    try:
+        if args.command == "doctor":
+            return doctor(args)
+        if args.command == "demo":
+            return demo(args)
+        if args.command == "bench":
+            return bench(args)
+    except SteerbenchError as err:  # a bad value, dataset or artifact: say what, as argparse does, no traceback
+        parser.error(str(err))
     return 2
 
 

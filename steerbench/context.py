@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from steerbench.errors import ParameterError
+
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
 
 
 def check_strength(value: Any, name: str = "strength") -> float:
-    """``value`` as a float, or a ValueError if it is not a finite real number.
+    """``value`` as a float, or a ParameterError if it is not a finite real number.
 
     Refuses NaN and +-inf (which would turn every logit into NaN) and booleans (``True``
     is not a strength); accepts Python and NumPy numbers and 0-d tensors.
@@ -28,8 +30,32 @@ def check_strength(value: Any, name: str = "strength") -> float:
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.dtype.is_complex:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ParameterError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_int(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int (Python or NumPy integers; not booleans, not 2.5), within
+    ``[low, high]`` where given; else a ParameterError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParameterError(f"{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"between {low} and {high}" if low is not None else f"at most {high}"
+        raise ParameterError(f"{name} must be {span}, got {value}")
+    return value
+
+
+def check_layer_index(layer: Any, n_layers: int, name: str = "layer") -> int:
+    """``layer`` as an index into ``n_layers`` layers; negative counts from the end, as in
+    Python (-1: the last). Anything else (a bool, 2.5, out of range) is a ParameterError."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise ParameterError(f"{name} must be a whole number, got {layer!r}")
+    layer = int(layer)
+    if not -n_layers <= layer < n_layers:
+        raise ParameterError(f"{name} {layer} is out of range: the model has {n_layers} layers "
+                             f"(0 to {n_layers - 1}, or -{n_layers} to -1 from the end)")
+    return layer % n_layers
 
 
 @dataclass

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from steerbench.errors import DatasetError  # re-exported: steerbench.datasets.DatasetError
 
 _CHOICE = re.compile(r"^\s*\(([A-Z])\)\s?(.*)$")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
@@ -29,8 +33,29 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 
 
-class DatasetError(ValueError):
-    """A dataset file is missing, malformed or empty."""
+
+
+def read_text(path: str | os.PathLike, what: str = "dataset file") -> str:
+    """The text of ``path`` (UTF-8; a leading byte-order mark is dropped), or a
+    DatasetError naming it: missing, a folder, unreadable, or not UTF-8."""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise DatasetError(f"{p} is a folder; give the path of a {what}")
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{p} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
+        raise DatasetError(f"{p} cannot be read ({err.strerror or err})") from None
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(read_text(p))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{p} is not valid JSON: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,8 @@ class ABItem:
             if m:
                 if first is None:
                     first = i
+                if any(c[0] == m.group(1) for c in choices):
+                    raise DatasetError(f"{where}: the question lists choice ({m.group(1)}) twice")
                 choices.append((m.group(1), m.group(2).strip()))
             elif choices and line.strip():
                 # a choice's text continues on the next line
@@ -101,12 +128,7 @@ class ABItem:
 def load_ab(path: str | os.PathLike, limit: int | None = None) -> list[ABItem]:
     """Read and validate a CAA-format JSON file of A/B items."""
     p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"dataset file not found: {p}")
-    try:
-        records = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{p} is not valid JSON: {err}") from None
+    records = _read_json(p)
     if not isinstance(records, list):
         raise DatasetError(f"{p}: expected a JSON list of items, got {type(records).__name__}")
     if not records:
@@ -118,9 +140,7 @@ def load_ab(path: str | os.PathLike, limit: int | None = None) -> list[ABItem]:
 def load_open_ended(path: str | os.PathLike) -> list[str]:
     """Questions of a CAA open-ended file: a JSON list of {"question": ...}."""
     p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"dataset file not found: {p}")
-    records = json.loads(p.read_text())
+    records = _read_json(p)
     if not isinstance(records, list) or not records:
         raise DatasetError(f"{p}: expected a non-empty JSON list")
     out = []
@@ -202,6 +222,14 @@ class MCQuestion:
     def __post_init__(self) -> None:
         if self.contexts and len(self.contexts) != len(self.correct) + len(self.incorrect):
             raise DatasetError(f"{len(self.contexts)} contexts for {len(self.correct) + len(self.incorrect)} answers")
+        n = len(self.correct)
+        ctx = self.contexts or ("",) * (n + len(self.incorrect))  # WinoGrande: one continuation, several contexts
+        both = set(zip(ctx[:n], self.correct)) & set(zip(ctx[n:], self.incorrect))
+        if both:
+            raise DatasetError(f"question {self.question[:60]!r}: answer(s) {sorted(a for _, a in both)} are listed "
+                               "both true and false")
+        if not self.correct or not self.incorrect:
+            raise DatasetError(f"question {self.question[:60]!r} needs at least one true and one false answer")
 
     def answers(self) -> list[tuple[str, str, int]]:
         """(text before the answer after the question, answer, label 1 = true) for every
@@ -229,24 +257,39 @@ def load_truthfulqa(path: str | os.PathLike | None = None, limit: int | None = N
         p = DATA_DIR / "truthfulness" / "misconceptions.csv"
     else:
         p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"dataset file not found: {p}")
-    with open(p, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        need = {"Question", "Best Answer", "Correct Answers", "Incorrect Answers"}
-        missing = need - set(reader.fieldnames or ())
-        if missing:
-            raise DatasetError(f"{p.name}: missing column(s) {', '.join(sorted(missing))}")
-        out = []
-        for i, row in enumerate(reader):
-            best = row["Best Answer"].strip()
-            correct = _split_answers(row["Correct Answers"])
-            if best and best not in correct:
-                correct = (best, *correct)
-            incorrect = _split_answers(row["Incorrect Answers"])
-            if not row["Question"].strip() or not best or not incorrect:
-                raise DatasetError(f"{p.name} row {i + 2}: a question needs text, a best answer and false answers")
-            out.append(MCQuestion(row["Question"].strip(), best, correct, incorrect, row.get("Category", "").strip()))
+    text = read_text(p)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    need = {"Question", "Best Answer", "Correct Answers", "Incorrect Answers"}
+    missing = need - set(reader.fieldnames or ())
+    if missing:
+        raise DatasetError(f"{p.name}: missing column(s) {', '.join(sorted(missing))}")
+    out, dropped = [], []
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise DatasetError(f"{p.name}: not a readable CSV ({err})") from None
+    for i, row in enumerate(rows):
+        short = [k for k in need if row.get(k) is None]
+        if short:
+            raise DatasetError(f"{p.name} row {i + 2}: too few cells (no {', '.join(sorted(short))})")
+        best = row["Best Answer"].strip()
+        correct = _split_answers(row["Correct Answers"])
+        if best and best not in correct:
+            correct = (best, *correct)
+        incorrect = _split_answers(row["Incorrect Answers"])
+        both = set(correct) & set(incorrect)
+        if both and best not in both:
+            # TruthfulQA itself lists "Unknown" as true and false for two questions (rows 349,
+            # 356): such an answer says nothing, so it is dropped from both lists
+            dropped.append(i + 2)
+            correct = tuple(a for a in correct if a not in both)
+            incorrect = tuple(a for a in incorrect if a not in both)
+        if not row["Question"].strip() or not best or not incorrect:
+            raise DatasetError(f"{p.name} row {i + 2}: a question needs text, a best answer and false answers")
+        out.append(MCQuestion(row["Question"].strip(), best, correct, incorrect, (row.get("Category") or "").strip()))
+    if dropped:
+        warnings.warn(f"{p.name}: answers listed both true and false were dropped from both lists in row(s) "
+                      f"{', '.join(map(str, dropped))}", stacklevel=2)
     if not out:
         raise DatasetError(f"{p} has no questions")
     return out[:limit] if limit is not None else out
@@ -353,7 +396,7 @@ def load_mc(name: str | os.PathLike = "truthfulqa", limit: int | None = None, se
     p = shared_dir() / MC_SETS[key].path if key in MC_SETS else Path(key)
     if not p.exists():
         raise DatasetError(f"dataset file not found: {p} (known sets: {', '.join(MC_SETS)}, misconceptions)")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     try:
         records = json.loads(text) if p.suffix == ".json" else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     except json.JSONDecodeError as e:
@@ -388,9 +431,7 @@ def neutral_texts(path: str | os.PathLike | None = None) -> list[str]:
     """Paragraphs of neutral text (default: data/neutral/paragraphs.txt), for measuring how far
     an intervention moves the model off-task (``evaluation.kl_to_unsteered``)."""
     p = Path(path) if path is not None else DATA_DIR / "neutral" / "paragraphs.txt"
-    if not p.exists():
-        raise DatasetError(f"dataset file not found: {p}")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if not ln.startswith("#")]
+    lines = [ln for ln in read_text(p).splitlines() if not ln.startswith("#")]
     paras = [" ".join(block.split()) for block in "\n".join(lines).split("\n\n")]
     out = [t for t in paras if t]
     if not out:

@@ -21,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from steerbench.datasets import ABItem
+from steerbench.errors import ParameterError
 from steerbench.model import Model, Prompt
 from steerbench.passes import SharedPrefix, forward_batch, length_batches, steered_suffixes
-from steerbench.steerer import Flagger, Steerer, refuse_observing
+from steerbench.steerer import Flagger, Steerer, check_strength, refuse_observing
 
 
 def _batches(n: int, size: int) -> Iterable[range]:
@@ -263,10 +264,15 @@ def ab_scores(
     system: str | None = None,
     progress: bool = False,
 ) -> list[ABScore]:
-    """A/B readouts for each of ``steers`` (None = unsteered), sharing the unsteered prompt prefix."""
+    """A/B readouts for each of ``steers`` (None = unsteered), sharing the unsteered prompt prefix.
+    ``readouts``: names from READOUTS (one name may be given as a plain string)."""
+    if isinstance(readouts, str):
+        readouts = (readouts,)
     bad = [r for r in readouts if r not in READOUTS]
-    if bad:
-        raise ValueError(f"unknown readout(s) {bad}; choose from {READOUTS}")
+    if bad or not readouts:
+        raise ParameterError(f"unknown readout(s) {bad}; choose one or more of {READOUTS}")
+    if not items:
+        raise ParameterError("no A/B items to score")
     scores = [ABScore(n=len(items)) for _ in steers]
     if "letter" in readouts:
         letters = letter_scores_many(model, items, steers, batch_size, system)
@@ -312,8 +318,8 @@ def ab_sweep(
 
     if not layers or not multipliers:
         raise ValueError("give at least one layer and one multiplier")
-    for layer in layers:
-        model.check_layer(int(layer))
+    layers = [model.check_layer(L) for L in layers]
+    multipliers = [check_strength(m, "multiplier") for m in multipliers]
     grid = [(L, m) for L in layers for m in multipliers]
     steers: list[Steerer | None] = [None]
     where = []

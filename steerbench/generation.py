@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steerbench.context import check_int
+from steerbench.errors import ParameterError
 from steerbench.kvcache import can_crop
 from steerbench.model import Model, Prompt
-from steerbench.passes import SharedPrefix, forward_pass, steering
+from steerbench.passes import SharedPrefix, check_context_length, forward_pass, steering
 from steerbench.steerer import Decision, Steerer, StepContext, StepState, check_strength
 
 # -------------------------------------------------------------------------------------
@@ -121,7 +123,12 @@ def generate(
 ) -> Generation:
     """Generate from ``prompt`` with ``steer`` applied; greedy unless ``temperature > 0``.
 
-    A string prompt is chat-formatted (``chat=False`` feeds it raw). ``on_step(event)``
+    A string prompt is chat-formatted (``chat=False`` feeds it raw); with no system
+    message, a chat template may add its own (SmolLM2's: "You are a helpful AI assistant
+    named SmolLM, trained by Hugging Face"): pass ``model.prompt(text, system=...)`` to
+    choose it. Bad values (``max_new_tokens=2.5``, ``top_p=0``, a prompt that does not fit
+    the context window with ``max_new_tokens`` more) are refused with a ParameterError
+    before any pass. ``on_step(event)``
     is called with every TokenStep and TraceEvent as it happens (live views use it).
     ``use_cache=False`` recomputes the whole sequence every step (for checking).
     ``stop``: strings that end the generation once the text contains one (the text is cut
@@ -134,9 +141,21 @@ def generate(
     """
     if isinstance(stop, str):
         stop = (stop,)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
+    max_rollbacks = check_int(max_rollbacks, "max_rollbacks", low=0)
+    temperature = check_strength(temperature, "temperature")
+    top_p = check_strength(top_p, "top_p")
+    if temperature < 0:
+        raise ParameterError(f"temperature must be 0 (greedy) or more, got {temperature:g}")
+    if not 0 < top_p <= 1:
+        raise ParameterError(f"top_p must be in (0, 1], got {top_p:g}")
+    if seed is not None:
+        seed = check_int(seed, "seed", low=0)
+    if stop is not None and not all(isinstance(x, str) and x for x in stop):
+        raise ParameterError(f"stop must be non-empty strings, got {stop!r}")
     p = _as_prompt(model, prompt, chat)
+    check_context_length(model, len(p.ids) + max_new_tokens,
+                         f"the prompt ({len(p.ids)} tokens) plus max_new_tokens ({max_new_tokens})")
     if stop is None:  # a base model given a plain chat prompt goes on to write the next turn itself
         stop = ("\nUser:",) if p.format == "plain" else ()
     device = model.device

@@ -84,6 +84,7 @@ class Model:
     name: str
     source: str = "hub"
     _fingerprint: dict | None = field(default=None, repr=False)
+    _fingerprint_key: tuple = field(default=(), repr=False)
 
     # -- shape ---------------------------------------------------------------------
     @property
@@ -114,6 +115,13 @@ class Model:
     @property
     def d_vocab(self) -> int:
         return int(self.cfg.d_vocab)
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes (its position limit; None if unknown)."""
+        n = getattr(self.cfg, "n_ctx", None) or getattr(getattr(self.hf_model, "config", None),
+                                                         "max_position_embeddings", None)
+        return int(n) if n else None
 
     @property
     def sliding_window(self) -> int | None:
@@ -168,13 +176,10 @@ class Model:
 
     # -- hook names ------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {layer!r}")
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(
-                f"layer {layer} is out of range: model has {self.n_layers} layers (0-{self.n_layers - 1})"
-            )
-        return layer
+        """``layer`` as an index (negative counts from the end); a ParameterError otherwise."""
+        from steerbench.context import check_layer_index
+
+        return check_layer_index(layer, self.n_layers)
 
     def check_hook(self, name: str) -> str:
         """Raise a clear error if ``name`` is not a hook point of this model."""
@@ -266,16 +271,28 @@ class Model:
 
     # -- provenance ----------------------------------------------------------------------
     def fingerprint(self) -> dict:
-        """What identifies these weights and this mode, recorded in every artifact."""
-        if self._fingerprint is None:
+        """What identifies these weights and this mode, recorded in every artifact.
+
+        ``weights_sha256`` hashes every byte of every weight and buffer (with its name and
+        shape): 0.44 s for the default model's 538 MB on this machine's CPU. It is kept
+        until a weight changes: every in-place edit (``w.add_()``, ``load_state_dict``,
+        an optimizer step) bumps the tensor's version counter, and the cached fingerprint
+        is recomputed when any counter or storage differs. (Writes through ``w.data``
+        bypass the counter: call ``refresh_fingerprint()`` after them.)
+        """
+        key = self._weights_key()
+        if self._fingerprint is None or self._fingerprint_key != key:
             h = hashlib.sha256()
+            seen: set[int] = set()
             with torch.no_grad():
-                for pname, p in sorted(self.hf_model.state_dict().items()):
-                    flat = p.detach().reshape(-1)
-                    sample = torch.cat([flat[:512], flat[-512:], flat[:: max(1, flat.numel() // 512)][:512]])
+                for pname, p in sorted(self.hf_model.state_dict(keep_vars=True).items()):
                     h.update(pname.encode())
-                    h.update(str(tuple(p.shape)).encode())
-                    h.update(sample.to(torch.float32).cpu().numpy().tobytes())
+                    h.update(f"{tuple(p.shape)} {p.dtype}".encode())
+                    if p.data_ptr() in seen:  # a tied weight (embedding and unembedding)
+                        continue
+                    seen.add(p.data_ptr())
+                    flat = p.detach().reshape(-1).contiguous().cpu()
+                    h.update(memoryview(flat.view(torch.uint8).numpy()))
             self._fingerprint = {
                 "model_name": self.name,
                 "weights_sha256": h.hexdigest()[:32],
@@ -284,7 +301,18 @@ class Model:
                 "n_heads": self.n_heads,
                 "compatibility_mode": bool(getattr(self.bridge, "compatibility_mode", False)),
             }
+            self._fingerprint_key = self._weights_key()
         return dict(self._fingerprint)
+
+    def refresh_fingerprint(self) -> dict:
+        """Recompute the fingerprint now (after writing weights through ``.data``)."""
+        self._fingerprint = None
+        return self.fingerprint()
+
+    def _weights_key(self) -> tuple:
+        """Storage and version counter of every weight and buffer: changes on any in-place edit."""
+        hf = self.hf_model
+        return tuple((t.data_ptr(), t._version) for t in (*hf.parameters(), *hf.buffers()))
 
 
 # ----------------------------------------------------------------------------------------

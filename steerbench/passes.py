@@ -1,6 +1,9 @@
 """Batched forward passes with steering: the passes evaluation, collection and training share.
 
 ``steering()`` installs a steerer's hooks for one pass or call and always removes them.
+The hooks of a call act only on that call's own passes (``forward_pass`` marks the pass
+it runs, per thread), so another call on the same model, nested in a callback or running
+in another thread, is never steered by them.
 ``forward_batch`` runs left-padded sequences (explicit position ids), with autograd on
 when asked (``grad=True``), so a trainable steerer trains on the path it is evaluated on.
 ``SharedPrefix`` holds the keys and values of a token prefix every sequence of an
@@ -14,18 +17,53 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from steerbench.errors import ParameterError
 from steerbench.kvcache import cache_length, forward_cached
 from steerbench.model import Model
 from steerbench.steerer import HookFn, Steerer, StepContext, refuse_observing
 
 # -------------------------------------------------------------------------------------
 # hooks
+
+# Hooks sit on the shared model, but each belongs to one call (its StepContext holds that
+# call's positions, mask and strength). ``forward_pass`` records, per thread, the context
+# of the pass it is running; a hook acts only when that is its own. So a forward pass made
+# from an ``on_step`` callback during a steered ``generate``, a nested ``generate``, or an
+# unsteered call in another thread while a steered one runs sees none of the steered
+# call's hooks (before this, the first came back steered, the second crashed on a shape
+# mismatch, and 17 of 21 unsteered calls in a second thread were steered).
+_running = threading.local()
+
+
+def running_context() -> StepContext | None:
+    """The StepContext of the pass this thread is running (None between passes)."""
+    return getattr(_running, "ctx", None)
+
+
+def _owned(fn: HookFn, ctx: StepContext) -> HookFn:
+    def hook(act: torch.Tensor, hook: Any) -> torch.Tensor | None:
+        if getattr(_running, "ctx", None) is not ctx:
+            return None  # another call's pass: leave it alone
+        return fn(act, hook)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _own_pass(ctx: StepContext) -> Iterator[None]:
+    prev = getattr(_running, "ctx", None)
+    _running.ctx = ctx
+    try:
+        yield
+    finally:
+        _running.ctx = prev
 
 
 @contextlib.contextmanager
@@ -51,7 +89,7 @@ def steering(
     hooks.extend(extra)
     for name, _ in hooks:
         model.check_hook(name)
-    with model.bridge.hooks(fwd_hooks=hooks):
+    with model.bridge.hooks(fwd_hooks=[(name, _owned(fn, ctx)) for name, fn in hooks]):
         yield ctx
 
 
@@ -84,13 +122,23 @@ def forward_pass(
         kw["attention_mask"] = attention_mask
     if position_ids is not None:
         kw["position_ids"] = position_ids
-    if ctx.clean_mask is not None and (isinstance(ctx.strength, torch.Tensor) or ctx.strength):
-        _clean_prepass(model, ctx, ids, cache if cached else None, kw)
-    if cached:
-        return forward_cached(model, ids, cache, **kw)
-    out = model.bridge.forward(ids, prepend_bos=False, stop_at_layer=stop_at_layer,
-                               return_type=None if stop_at_layer is not None else "logits", **kw)
+    check_context_length(model, ids.shape[1] + (cache_length(cache) if cached and cache is not None else 0))
+    with _own_pass(ctx):
+        if ctx.clean_mask is not None and (isinstance(ctx.strength, torch.Tensor) or ctx.strength):
+            _clean_prepass(model, ctx, ids, cache if cached else None, kw)
+        if cached:
+            return forward_cached(model, ids, cache, **kw)
+        out = model.bridge.forward(ids, prepend_bos=False, stop_at_layer=stop_at_layer,
+                                   return_type=None if stop_at_layer is not None else "logits", **kw)
     return (out if stop_at_layer is None else None), None
+
+
+def check_context_length(model: Model, n: int, what: str = "the sequence") -> None:
+    """Refuse ``n`` positions on a model whose context window is shorter, before any work."""
+    limit = model.context_length
+    if limit is not None and n > limit:
+        raise ParameterError(f"{what} has {n} tokens but {model.name} has a context window of {limit}; "
+                             "shorten the prompt (or generate fewer tokens)")
 
 
 def _clean_prepass(model: Model, ctx: StepContext, ids: torch.Tensor, cache: Any, kw: dict) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,9 +35,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from steerbench.artifacts import check_fingerprint, load_artifact, save_artifact
+from steerbench.artifacts import check_fingerprint, check_provenance, load_artifact, save_artifact
 from steerbench.blocks import intervention_hooks, steered_mask
 from steerbench.context import Decision, HookFn, StepContext, StepState, check_strength
+from steerbench.errors import ArtifactError
 
 if TYPE_CHECKING:
     from steerbench.model import Model
@@ -226,9 +228,12 @@ def _flatten(steerer: Steerer, prefix: str, tensors: dict[str, torch.Tensor]) ->
 
 
 def save_steerer(steerer: Steerer, path: str | os.PathLike) -> Path:
+    """Write ``steerer``; refused (ArtifactError, nothing written) when it does not say
+    which model it was fitted on (``fitted_on``, e.g. ``model.fingerprint()``): such a file
+    could never be checked against a model, so it could never be loaded."""
     tensors: dict[str, torch.Tensor] = {}
     header = _flatten(steerer, "", tensors)
-    header["fitted_on"] = steerer.provenance()
+    header["fitted_on"] = check_provenance(steerer.provenance(), f"this {type(steerer).__name__}")
     header["hooks"] = list(steerer.sites)
     try:
         header["positions"] = sorted({iv.rule.describe() for iv in steerer.interventions()})
@@ -237,13 +242,30 @@ def save_steerer(steerer: Steerer, path: str | os.PathLike) -> Path:
     return save_artifact(path, tensors, header)
 
 
+def _finite_json(value: Any) -> bool:
+    """Whether a header value holds no NaN or +-inf (JSON headers may spell them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_json(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite_json(v) for v in value)
+    return True
+
+
 def _rebuild(entry: dict, prefix: str, tensors: dict[str, torch.Tensor], path) -> Steerer:
     name = str(entry.get("method"))
     cls: Any = STEERERS.get(name)
     if cls is None:
-        raise ValueError(f"{path} holds a {name!r} artifact, which no Steerer class here knows "
-                         f"(known: {', '.join(sorted(STEERERS))})")
-    params, nested = entry.get("params", {}), entry.get("nested", {})
+        raise ArtifactError(f"{path} holds a {name!r} artifact, which no Steerer class here knows "
+                            f"(known: {', '.join(sorted(STEERERS))})")
+    params, nested = entry.get("params"), entry.get("nested", {})
+    if not isinstance(params, dict) or not isinstance(nested, dict):
+        raise ArtifactError(f"{path}: the {name} entry of its header has no 'params' object; it was not written "
+                            "by steerbench's save()")
+    bad = [k for k, v in params.items() if not _finite_json(v)]
+    if bad:
+        raise ArtifactError(f"{path}: the {name} parameter(s) {', '.join(bad)} are NaN or infinite")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -257,20 +279,26 @@ def _rebuild(entry: dict, prefix: str, tensors: dict[str, torch.Tensor], path) -
         elif f.name in _PROVENANCE and f.name in entry:
             kwargs[f.name] = entry[f.name]
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{path}: the {name} artifact has no value for its field {f.name!r}")
-    return cls(**kwargs)
+            raise ArtifactError(f"{path}: the {name} artifact has no value for its field {f.name!r}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: its {name} values are invalid ({err})") from None
 
 
 def load_steerer(path: str | os.PathLike, model: Model | None = None, expect: type | None = None) -> Steerer:
     """The Steerer saved at ``path``; with ``model``, refuse one fitted on another model.
 
-    ``expect``: the class the caller asked for (``CAA.load``); another is refused.
+    ``expect``: the class the caller asked for (``CAA.load``); another is refused. An
+    artifact whose header does not name the model it was fitted on is refused
+    (ArtifactError), with or without ``model``.
     """
     tensors, header = load_artifact(path)
     name = header.get("method")
     if expect is not None and name != expect.__name__:
         if not (name in STEERERS and issubclass(STEERERS[name], expect)):
-            raise ValueError(f"{path} holds a {name} artifact, not {expect.__name__}")
+            raise ArtifactError(f"{path} holds a {name} artifact, not {expect.__name__}")
+    check_provenance(header.get("fitted_on"), path)
     steerer = _rebuild(header, "", tensors, path)
     if model is not None:
         steerer.check_model(model)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from steerbench.datasets import MCQuestion
+from steerbench.errors import ParameterError
 from steerbench.evaluation import continuation_logprobs_many, flagged_logprobs
 from steerbench.model import Model, Prompt
 from steerbench.steerer import Steerer
@@ -61,6 +62,28 @@ PROMPTS = {
     # the reply (the embedded behaviour sets)
     "chat": "{question}",
 }
+
+
+def generate_answers(model: Model, questions: Sequence[MCQuestion], steer: Steerer | None = None,
+                     prompt: str = "instruction+primer", max_new_tokens: int = 50) -> list:
+    """Greedy one-line answers to ``questions`` under ``steer``, as the bench generates
+    them: the prompt template ``prompt`` (a name in PROMPTS, or a template with
+    ``{question}``; "chat": the model's chat format), steering from the last prompt token,
+    a stop at the first newline, and the template's shared instruction and primer computed
+    once for all questions. Returns one :class:`~steerbench.generation.Generation` each."""
+    from steerbench.generation import generate
+    from steerbench.passes import SharedPrefix
+
+    template = PROMPTS.get(prompt, prompt)
+    if "{question}" not in template:
+        raise ParameterError(f"prompt must name a template in {sorted(PROMPTS)} or contain {{question}}, got {prompt!r}")
+    texts = [template.format(question=q.question) for q in questions]
+    prompts = [model.encode(model.chat_text(t) if prompt == "chat" else t) for t in texts]
+    # the instruction and primer every prompt starts with: computed once, not per question
+    share = len(prompts) > 1 and (steer is None or steer.prefix_invariant)
+    head = SharedPrefix.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None
+    return [generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
+                     stop=("\n",), prefix=head) for ids in prompts]
 
 
 def mc_metrics(true_lp: Sequence[float], false_lp: Sequence[float], best: int = 0) -> tuple[float, float, float]:

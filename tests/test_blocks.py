@@ -124,11 +124,12 @@ class RandomDirection(Steerer):
     vector: torch.Tensor
     layer: int = 12
     strength: float = 4.0
+    fitted_on: dict = field(default_factory=dict)  # the model it was made for: save() records it
 
     @classmethod
     def draw(cls, model, layer=12, seed=0):
         v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(seed))
-        return cls(v / v.norm(), layer)
+        return cls(v / v.norm(), layer, fitted_on=model.fingerprint())
 
     def interventions(self):
         return [Intervention(Site.resid(self.layer), FROM_INSTRUCTION, Add(self.vector))]
@@ -146,6 +147,9 @@ def test_a_new_method_in_a_few_lines_steers_saves_and_loads(model, tmp_path):
     back = RandomDirection.load(st.save(tmp_path / "rd"), model)
     assert torch.equal(back.vector, st.vector) and (back.layer, back.strength) == (12, 30.0)
     assert sb.generate(model, PROMPT, steer=back, max_new_tokens=8).tokens == steered.tokens
+    with pytest.raises(sb.ArtifactError, match="which model"):  # one that does not say its model is not saved
+        RandomDirection(st.vector).save(tmp_path / "anonymous")
+    assert not list(tmp_path.glob("anonymous*"))
 
 
 def test_every_steerer_round_trips_through_save_and_load(model, caa, head_probes, tmp_path):

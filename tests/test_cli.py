@@ -20,8 +20,9 @@ def test_demo_writes_a_report(model, tmp_path, capsys):
 def test_bench_writes_results_and_refuses_a_bad_grid_before_loading(model, tmp_path, capsys):
     import pytest
 
-    with pytest.raises(ValueError, match="has no parameter"):
+    with pytest.raises(SystemExit) as err:  # argparse's exit: a message, no traceback
         main(["bench", "--set", "iti.beta=1"])
+    assert err.value.code == 2 and "has no parameter" in capsys.readouterr().err
     out = tmp_path / "bench"
     rc = main(["bench", "--data", "misconceptions", "--limit", "10", "--prompt", "plain", "--no-cache",
                "--set", "iti.k=2", "--set", "iti.alpha=5", "--set", "fasb.k=2", "--set", "fasb.alpha=5",

@@ -94,7 +94,7 @@ def test_save_load_roundtrip_and_refusal(model, tiny_model, probes, tmp_path):
     with pytest.raises(ArtifactMismatch):
         sb.ITI.load(path, tiny_model)
     with pytest.raises(ValueError, match="not ITI"):
-        sb.ITI.load(sb.CAA(torch.zeros(30, 576), layer=1).save(tmp_path / "caa"))
+        sb.ITI.load(sb.CAA(torch.zeros(30, 576), layer=1, fitted_on=iti.fitted_on).save(tmp_path / "caa"))
 
 
 def test_bad_input_is_refused_and_changes_nothing(model, questions, probes, head_acts):

@@ -78,3 +78,18 @@ def test_partial_scoring_of_winogrande_equals_naive_scoring(model):
             scores.append(float(ls.gather(-1, torch.tensor(cont)[:, None]).sum()))
         assert got[0] == float(scores[0] > scores[1])
         assert abs(got[1] - 1 / (1 + math.exp(scores[1] - scores[0]))) < 1e-4
+
+
+def test_generate_answers_is_the_bench_prompt_without_copying_it(model, caa):
+    from steerbench.model import Prompt
+    from steerbench.truthfulqa import generate_answers
+
+    qs = sb.load_truthfulqa("misconceptions")[:2]
+    got = generate_answers(model, qs, caa.scaled(4), max_new_tokens=8)
+    for q, g in zip(qs, got):  # one question at a time, no shared prefix: the same tokens
+        ids = model.encode(PROMPTS["instruction+primer"].format(question=q.question))
+        alone = sb.generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=caa.scaled(4), max_new_tokens=8,
+                            stop=("\n",))
+        assert g.tokens == alone.tokens and "\n" not in g.text
+    with pytest.raises(sb.ParameterError, match="template"):
+        generate_answers(model, qs, prompt="no placeholder")

@@ -23,6 +23,7 @@ import torch
 from steerbench.activations import collect_resid
 from steerbench.artifacts import check_fingerprint
 from steerbench.blocks import FROM_INSTRUCTION, Add, Intervention, Site
+from steerbench.context import check_layer_index
 from steerbench.datasets import ABItem, items_hash
 from steerbench.model import Model
 from steerbench.steerer import Steerer, check_strength
@@ -85,9 +86,7 @@ class CAA(Steerer):
             raise ValueError(f"CAA vectors must be [n_layers, d_model], got shape {tuple(self.vectors.shape)}")
         if not torch.isfinite(self.vectors).all():
             raise ValueError("CAA vectors contain NaN or inf; refit from clean data")
-        n = self.vectors.shape[0]
-        if not 0 <= self.layer < n:
-            raise ValueError(f"layer {self.layer} is out of range: vectors cover {n} layers (0-{n - 1})")
+        self.layer = check_layer_index(self.layer, self.vectors.shape[0])
         if self.read not in READS:
             raise ValueError(f"read must be one of {READS}, got {self.read!r}")
         self.strength = check_strength(self.strength)
@@ -98,14 +97,18 @@ class CAA(Steerer):
         cls,
         model: Model,
         items: Sequence[ABItem],
-        read: str = "letter",
+        read: str = "answer",
         layer: int | None = None,
         strength: float = 1.0,
         system: str | None = None,
         batch_size: int = 16,
         dataset: str = "",
     ) -> CAA:
-        """Fit vectors for every layer from A/B items (one forward pass per text)."""
+        """Fit vectors for every layer from A/B items (one forward pass per text).
+
+        ``read="answer"`` (the default) reads the mean over the answer's tokens;
+        ``"letter"``, the reference's reading at the answer letter, barely moves this
+        135M model (README, "CAA readouts")."""
         if not items:
             raise ValueError("CAA needs at least one A/B item to fit")
         layer = model.n_layers // 2 if layer is None else model.check_layer(layer)
@@ -123,7 +126,7 @@ class CAA(Steerer):
 
     # -- variants -----------------------------------------------------------------------
     def at(self, layer: int) -> CAA:
-        """The same vectors, steering ``layer``."""
+        """The same vectors, steering ``layer`` (negative: from the last layer)."""
         return dataclasses.replace(self, layer=layer)
 
     @property

@@ -34,7 +34,7 @@ scorers' generic two-pass scoring, fed by :meth:`FASB.flagger`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -58,10 +58,15 @@ class FASB(Steerer):
     reading: str = "reference"
     newest_only: bool = False
     info: dict = field(default_factory=dict)
+    # the paper's name for the strength (``describe``, ``select`` and ``--set fasb.alpha``
+    # say alpha): ``FASB(heads, alpha=60)`` is ``FASB(heads, strength=60)``
+    alpha: InitVar[float | None] = None
 
     observes = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, alpha: float | None = None) -> None:
+        if alpha is not None:
+            self.strength = alpha
         if not isinstance(self.heads, ITI) or not self.heads.has_probes:
             raise ValueError("FASB needs an ITI with probes: use HeadProbes.select(k) (or ITI.load of a fitted one)")
         if not 0.0 <= self.threshold <= 1.0:

@@ -20,15 +20,19 @@ same heads' probes so FASB can read P(true) where ITI steers (``ITI.readout``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from steerbench.activations import collect_heads
-from steerbench.artifacts import check_fingerprint
+from steerbench.artifacts import check_fingerprint, check_provenance, load_artifact, save_artifact
 from steerbench.blocks import FROM_INSTRUCTION, Add, Intervention, Rule, Site, head_view, z_hook
+from steerbench.context import check_int
 from steerbench.datasets import MCQuestion, qa_examples
+from steerbench.errors import ArtifactError, ModelMismatch, ParameterError
 from steerbench.model import Model
 from steerbench.probes import ProbeGrid, fit_probes
 from steerbench.steerer import HookFn, Steerer, check_strength
@@ -113,6 +117,43 @@ class HeadProbes:
             },
         )
 
+    # -- artifacts: the fit takes minutes on TruthfulQA; keep it -------------------------
+    _TENSORS = ("train_acc", "val_acc", "val_auc", "directions", "mass_mean", "weight", "bias", "mean", "std")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """safetensors + JSON provenance (as every steerbench artifact); never pickle."""
+        g = self.grid
+        tensors = {f"grid.{n}": getattr(g, n) for n in self._TENSORS}
+        tensors.update(sigma_mass_mean=self.sigma_mass_mean, sigma_probe=self.sigma_probe,
+                       **{"grid.train_idx": torch.as_tensor(g.train_idx), "grid.val_idx": torch.as_tensor(g.val_idx)})
+        header = {"method": "HeadProbes", "fitted_on": self.fitted_on, "info": self.info,
+                  "sites_shape": list(g.sites_shape), "backend": g.backend}
+        return save_artifact(path, tensors, header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Model | None = None) -> HeadProbes:
+        """Probes saved by ``save``; with ``model``, refused unless fitted on it (ModelMismatch)."""
+        tensors, header = load_artifact(path)
+        if header.get("method") != "HeadProbes":
+            raise ArtifactError(f"{path} holds a {header.get('method')!r} artifact, not HeadProbes")
+        fitted_on = check_provenance(header.get("fitted_on"), path)
+        missing = [n for n in (*(f"grid.{t}" for t in (*cls._TENSORS, "train_idx", "val_idx")), "sigma_mass_mean",
+                               "sigma_probe") if n not in tensors]
+        if missing:
+            raise ArtifactError(f"{path}: the HeadProbes artifact lacks {', '.join(missing)}")
+        grid = ProbeGrid(sites_shape=tuple(header["sites_shape"]),
+                         **{n: tensors[f"grid.{n}"] for n in cls._TENSORS},
+                         train_idx=tensors["grid.train_idx"].numpy(), val_idx=tensors["grid.val_idx"].numpy(),
+                         backend=str(header.get("backend", "")))
+        out = cls(grid=grid, sigma_mass_mean=tensors["sigma_mass_mean"], sigma_probe=tensors["sigma_probe"],
+                  fitted_on=fitted_on, info=header.get("info", {}))
+        if model is not None:
+            check_fingerprint(fitted_on, model, "these head probes")
+            if tuple(grid.sites_shape) != (model.n_layers, model.n_heads):
+                raise ModelMismatch(f"{path}: probes for {tuple(grid.sites_shape)} heads, the model has "
+                                    f"({model.n_layers}, {model.n_heads})")
+        return out
+
     def ranking(self) -> list[tuple[int, int]]:
         """All heads, best validation accuracy first."""
         return [(int(site[0]), int(site[1])) for site, _ in self.grid.top(self.grid.n_sites)]
@@ -120,9 +161,9 @@ class HeadProbes:
     def select(self, k: int, alpha: float = 15.0, direction: str = "mass_mean") -> ITI:
         """ITI on the top ``k`` heads by validation accuracy, at strength ``alpha``."""
         if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if not 1 <= k <= self.grid.n_sites:
-            raise ValueError(f"k must be between 1 and {self.grid.n_sites} heads, got {k}")
+            raise ParameterError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        k = check_int(k, "k", low=1, high=self.grid.n_sites)
+        alpha = check_strength(alpha, "alpha")
         heads = self.ranking()[:k]
         L = torch.tensor([layer for layer, _ in heads])
         H = torch.tensor([h for _, h in heads])
