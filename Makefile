@@ -43,7 +43,7 @@ demo: $(STAMP)
 # the smoke check first (loud, names the library versions), then the suite and the notebooks
 test: $(STAMP)
 	$(BIN)/steerbench doctor
-	$(BIN)/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=900
+	$(BIN)/python -m pytest -q tests notebooks --nbmake --nbmake-timeout=900 --durations=15
 
 # ruff (pyflakes, pycodestyle, import order, pyupgrade, unused arguments) and mypy on the package
 lint: $(STAMP)

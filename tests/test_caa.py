@@ -47,7 +47,7 @@ def test_default_layer_is_the_middle_and_at_validates(model, caa):
     assert sb.CAA.fit(model, sb.behavior("tone")[:2]).layer == model.n_layers // 2
     with pytest.raises(ValueError, match="layer 40 is out of range"):
         caa.at(40)
-    with pytest.raises(ValueError, match="layer 40 is out of range: model has 30 layers"):
+    with pytest.raises(ValueError, match="layer 40 is out of range: the model has 30 layers"):
         sb.CAA.fit(model, sb.behavior("tone")[:2], layer=40)
 
 

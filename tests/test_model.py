@@ -42,7 +42,7 @@ def test_encode_never_doubles_bos(model):
 
 
 def test_check_layer_and_hook_messages(model):
-    with pytest.raises(ValueError, match=r"layer 40 is out of range: model has 30 layers \(0-29\)"):
+    with pytest.raises(ValueError, match=r"layer 40 is out of range: the model has 30 layers \(0 to 29, or -30 to -1"):
         model.check_layer(40)
     with pytest.raises(ValueError, match="unknown hook name 'blocks.3.hook_resid_pots'.*did you mean blocks.3.hook_resid_post"):
         model.check_hook("blocks.3.hook_resid_pots")

@@ -134,9 +134,8 @@ def test_bad_inputs_raise_clear_errors():
         answer_truth("Nothing happens", [SEEDS])
     with pytest.raises(TypeError, match=r"answers\[1\] is NoneType"):
         answer_truth(["a", None], [SEEDS, SEEDS])
-    no_false = MCQuestion("Q?", "yes", ("yes",), ())
-    with pytest.raises(ValueError, match="at least one correct and one incorrect"):
-        answer_truth(["yes"], [no_false])
+    with pytest.raises(ValueError, match="needs at least one true and one false answer"):  # refused where it is made
+        MCQuestion("Q?", "yes", ("yes",), ())
     with pytest.raises(ValueError, match="no scores"):
         truth_summary([])
 
