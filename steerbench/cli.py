@@ -26,11 +26,15 @@ def _int_at_least(low: int):
     return parse
 
 
-def _finite(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    v = _number(text)
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return v
@@ -44,10 +48,7 @@ def _fraction(text: str) -> float:
 
 
 def _non_negative(text: str) -> float:  # may be inf (the KL budget: no budget)
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = _number(text)
     if not v >= 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
     return v

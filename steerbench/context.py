@@ -49,9 +49,7 @@ def check_int(value: Any, name: str, low: int | None = None, high: int | None = 
 def check_layer_index(layer: Any, n_layers: int, name: str = "layer") -> int:
     """``layer`` as an index into ``n_layers`` layers; negative counts from the end, as in
     Python (-1: the last). Anything else (a bool, 2.5, out of range) is a ParameterError."""
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise ParameterError(f"{name} must be a whole number, got {layer!r}")
-    layer = int(layer)
+    layer = check_int(layer, name)
     if not -n_layers <= layer < n_layers:
         raise ParameterError(f"{name} {layer} is out of range: the model has {n_layers} layers "
                              f"(0 to {n_layers - 1}, or -{n_layers} to -1 from the end)")

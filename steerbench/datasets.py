@@ -33,8 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 
 
-
-
 def read_text(path: str | os.PathLike, what: str = "dataset file") -> str:
     """The text of ``path`` (UTF-8; a leading byte-order mark is dropped), or a
     DatasetError naming it: missing, a folder, unreadable, or not UTF-8."""

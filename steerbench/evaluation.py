@@ -271,8 +271,6 @@ def ab_scores(
     bad = [r for r in readouts if r not in READOUTS]
     if bad or not readouts:
         raise ParameterError(f"unknown readout(s) {bad}; choose one or more of {READOUTS}")
-    if not items:
-        raise ParameterError("no A/B items to score")
     scores = [ABScore(n=len(items)) for _ in steers]
     if "letter" in readouts:
         letters = letter_scores_many(model, items, steers, batch_size, system)

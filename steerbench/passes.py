@@ -42,11 +42,6 @@ from steerbench.steerer import HookFn, Steerer, StepContext, refuse_observing
 _running = threading.local()
 
 
-def running_context() -> StepContext | None:
-    """The StepContext of the pass this thread is running (None between passes)."""
-    return getattr(_running, "ctx", None)
-
-
 def _owned(fn: HookFn, ctx: StepContext) -> HookFn:
     def hook(act: torch.Tensor, hook: Any) -> torch.Tensor | None:
         if getattr(_running, "ctx", None) is not ctx:

@@ -299,6 +299,9 @@ def load_steerer(path: str | os.PathLike, model: Model | None = None, expect: ty
         if not (name in STEERERS and issubclass(STEERERS[name], expect)):
             raise ArtifactError(f"{path} holds a {name} artifact, not {expect.__name__}")
     check_provenance(header.get("fitted_on"), path)
+    for key, t in tensors.items():  # a steerer's tensors are small: check them all
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ArtifactError(f"{path}: tensor {key!r} holds NaN or inf")
     steerer = _rebuild(header, "", tensors, path)
     if model is not None:
         steerer.check_model(model)

@@ -223,6 +223,13 @@ def test_head_probes_save_and_load(model, head_probes, tmp_path):
     assert back.ranking() == head_probes.ranking()
     assert torch.equal(back.select(3).directions, head_probes.select(3).directions)
     assert back.fitted_on == head_probes.fitted_on
+    # a head whose validation split has one class has a NaN AUC: such probes still save and load
+    import dataclasses
+
+    auc = head_probes.grid.val_auc.clone()
+    auc[0, 0] = float("nan")
+    odd = dataclasses.replace(head_probes, grid=dataclasses.replace(head_probes.grid, val_auc=auc))
+    assert sb.HeadProbes.load(odd.save(tmp_path / "nan_auc.safetensors"), model).grid.val_auc[0, 0].isnan()
 
 
 def test_the_fingerprint_covers_every_weight_and_follows_edits(model, tone):
