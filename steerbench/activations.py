@@ -67,6 +67,7 @@ def collect(
     batch_size: int = 16,
     steer: Steerer | None = None,
     progress: bool | None = None,
+    norms: bool = False,
 ) -> dict[str, Any]:
     """Activations of ``inputs`` at ``hooks``, reduced to ``position``.
 
@@ -76,6 +77,8 @@ def collect(
         ``"mean"`` over the tokens (or over ``spans[i] = (start, end)`` of item i), or
         ``"all"`` (a list of [len_i, ...] tensors).
     steer: collect under steering (Prompts carry where it starts; other inputs are unsteered).
+    norms: with ``position="mean"``, also the mean over the same tokens of each token's L2
+        norm, under ``f"{hook}#norm"`` ([N]; the norm of the mean is smaller), in the same pass.
     Returns {hook name: tensor [N, ...]} on the CPU (a list for ``"all"``).
     """
     if isinstance(hooks, str):
@@ -100,6 +103,8 @@ def collect(
             e = len(ids) if e is None else e
             if not 0 <= s < e <= len(ids):
                 raise ValueError(f"span {(s, e)} of input {i} is empty or outside its {len(ids)} tokens")
+    if norms and position != "mean":
+        raise ValueError("norms=True needs position='mean' (the mean token norm over the same tokens)")
     if isinstance(position, int):
         short = [i for i, (ids, _) in enumerate(encoded) if len(ids) < -position]
         if short:
@@ -107,6 +112,7 @@ def collect(
 
     stop = _stop_layer(hooks)
     out: dict[str, list] = {h: [None] * len(encoded) for h in hooks}
+    norm_out: dict[str, list] = {h: [None] * len(encoded) for h in hooks} if norms else {}
     # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
     names_at: dict[int, list[str]] = {}
     for name in hooks:
@@ -121,7 +127,7 @@ def collect(
 
         def capture(act: torch.Tensor, hook, idx=idx, offsets=offsets) -> None:
             for name in names_at[id(hook)]:
-                _store(out[name], act, idx, offsets, position, spans)
+                _store(out[name], act, idx, offsets, position, spans, norm_out.get(name))
 
         forward_batch(
             model,
@@ -133,10 +139,12 @@ def collect(
         )
     if position == "all":
         return dict(out)
-    return {h: torch.stack(v) for h, v in out.items()}
+    result = {h: torch.stack(v) for h, v in out.items()}
+    result.update({f"{h}#norm": torch.stack(v) for h, v in norm_out.items()})
+    return result
 
 
-def _store(dest, act, idx, offsets, position, spans) -> None:
+def _store(dest, act, idx, offsets, position, spans, norm_dest=None) -> None:
     act = act.detach()
     width = act.shape[1]
     for row, i in enumerate(idx):
@@ -151,9 +159,12 @@ def _store(dest, act, idx, offsets, position, spans) -> None:
             if spans is not None:
                 s, e = spans[i]
                 e = width - off if e is None else e
-                val = act[row, off + s : off + e].mean(0)
+                tokens = act[row, off + s : off + e]
             else:
-                val = act[row, off:].mean(0)
+                tokens = act[row, off:]
+            val = tokens.mean(0)
+            if norm_dest is not None:
+                norm_dest[i] = tokens.float().norm(dim=-1).mean().cpu()
         dest[i] = val.to("cpu", copy=True)
 
 
@@ -166,6 +177,14 @@ def collect_heads(model: Model, inputs: Sequence[Input], position: Position = "l
 
 def collect_resid(model: Model, inputs: Sequence[Input], position: Position = "last", **kwargs) -> torch.Tensor:
     """The residual stream after every block (``blocks.L.hook_resid_post``): [N, n_layers, d_model]."""
+    return collect_resid_norms(model, inputs, position, **kwargs)[0]
+
+
+def collect_resid_norms(model: Model, inputs: Sequence[Input], position: Position = "last",
+                        **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``collect_resid``'s tensor and, with ``norms=True`` (position "mean"), each item's
+    mean token norm per layer ([N, n_layers]; else None), from one pass."""
     hooks = [f"blocks.{L}.hook_resid_post" for L in range(model.n_layers)]
     acts = collect(model, inputs, hooks, position=position, **kwargs)
-    return torch.stack([acts[h] for h in hooks], dim=1)
+    norms = torch.stack([acts[f"{h}#norm"] for h in hooks], dim=1) if kwargs.get("norms") else None
+    return torch.stack([acts[h] for h in hooks], dim=1), norms

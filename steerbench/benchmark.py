@@ -239,6 +239,28 @@ class FitData:
         return self._relevance
 
 
+# a head-count setting: a share of all heads below 1, a count from 1 on (never 0)
+HEAD_COUNT = (1e-3, None)
+
+
+def head_counts(model: Model, values: Sequence[float]) -> list[int]:
+    """Head-count settings as distinct counts, in order: a value below 1 is a share of all
+    the model's heads (``model.heads_at``), one of 1 or more a whole count (capped at the
+    number of heads), so the default grid travels between models."""
+    total = model.n_layers * model.n_heads
+    out: list[int] = []
+    for v in values:
+        if v < 1:
+            k = model.heads_at(v)
+        elif float(v) != int(v):
+            raise ParameterError(f"a head count of 1 or more must be whole, got {v:g}")
+        else:
+            k = min(int(v), total)
+        if k not in out:
+            out.append(k)
+    return out
+
+
 class Method:
     """A steering method as the benchmark runs it. Subclass, set ``name`` and ``grid``,
     implement ``candidates``, and decorate with ``@register``."""
@@ -288,13 +310,15 @@ class ITIMethod(Method):
     # K around 5% of the heads (docs/methods.md, ITI): 14 of SmolLM2-135M's 270; alpha 15 is the reference default
     # alpha 15 is the reference default, but on this small model alpha 30 with K=32 moved the
     # off-task KL by 10.7 nats/token (README), so the grid reaches down to alpha 2
-    grid = {"k": [8, 16, 32], "alpha": [2.0, 5.0, 15.0], "direction": ["mass_mean"]}
+    # k: shares of all heads (8/16/32 of SmolLM2's 270, 2/4/9 of Gemma 3's 72); a value of 1 or more is a count
+    grid = {"k": [0.03, 0.06, 0.12], "alpha": [2.0, 5.0, 15.0], "direction": ["mass_mean"]}
+    limits = {"k": HEAD_COUNT}
 
     def candidates(self, data, grid):
         probes = data.probes()
         return [
-            ({"k": int(k), "alpha": float(a), "direction": d}, probes.select(int(k), float(a), d))
-            for d in grid["direction"] for k in grid["k"] for a in grid["alpha"]
+            ({"k": k, "alpha": float(a), "direction": d}, probes.select(k, float(a), d))
+            for d in grid["direction"] for k in head_counts(data.model, grid["k"]) for a in grid["alpha"]
         ]
 
 
@@ -303,16 +327,17 @@ class FASBMethod(Method):
     name = "fasb"
     description = "FASB: head probes decide when and how strongly to steer; MC answers scored in FASB's MC mode"
     # reference run: K=24 (of 1,024 heads), alpha=60, threshold=0.6, backtrack=10; scaled to 270 heads
-    grid = {"k": [16], "alpha": [15.0, 30.0, 60.0], "threshold": [0.5, 0.6], "backtrack": [10]}
-    limits = {"threshold": (0.0, 1.0), "backtrack": (0, None)}
+    grid = {"k": [0.06], "alpha": [15.0, 30.0, 60.0], "threshold": [0.5, 0.6], "backtrack": [10]}  # k: 16 of 270
+    limits = {"k": HEAD_COUNT, "threshold": (0.0, 1.0), "backtrack": (0, None)}
     scoring = "fasb-mc"
 
     def candidates(self, data, grid):
         probes = data.probes()
         return [
-            ({"k": int(k), "alpha": float(a), "threshold": float(t), "backtrack": int(b)},
-             FASB(probes.select(int(k)), strength=float(a), threshold=float(t), backtrack=int(b)))
-            for k in grid["k"] for t in grid["threshold"] for b in grid["backtrack"] for a in grid["alpha"]
+            ({"k": k, "alpha": float(a), "threshold": float(t), "backtrack": int(b)},
+             FASB(probes.select(k), strength=float(a), threshold=float(t), backtrack=int(b)))
+            for k in head_counts(data.model, grid["k"]) for t in grid["threshold"] for b in grid["backtrack"]
+            for a in grid["alpha"]
         ]
 
     def score(self, model, questions, steers, prompt, batch_size):
@@ -334,7 +359,7 @@ class CAAMethod(Method):
         fp = data.model.fingerprint()
         out = []
         for frac in grid["layer"]:
-            layer = min(data.model.n_layers - 1, round(float(frac) * (data.model.n_layers - 1)))
+            layer = data.model.layer_at(float(frac))
             for m in grid["multiplier"]:
                 out.append(({"layer": layer, "multiplier": float(m)},
                             CAA(vectors, layer, strength=float(m), read="answer", fitted_on=fp,
@@ -391,12 +416,13 @@ class REALMethod(Method):
     two are compared on equal terms)."""
 
     scorer: str  # set by each registered subclass
-    grid = {"k": [8, 16, 32], "alpha": [2.0, 5.0, 15.0], "weighting": ["auc"]}
+    grid = {"k": [0.03, 0.06, 0.12], "alpha": [2.0, 5.0, 15.0], "weighting": ["auc"]}  # k as ITI's
+    limits = {"k": HEAD_COUNT}
 
     def candidates(self, data, grid):
         rel = data.relevance(self.scorer)
-        return [({"k": int(k), "alpha": float(a), "weighting": w}, rel.select(int(k), float(a), self.scorer, w))
-                for w in grid["weighting"] for k in grid["k"] for a in grid["alpha"]]
+        return [({"k": k, "alpha": float(a), "weighting": w}, rel.select(k, float(a), self.scorer, w))
+                for w in grid["weighting"] for k in head_counts(data.model, grid["k"]) for a in grid["alpha"]]
 
 
 @register
@@ -545,6 +571,9 @@ def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
                 span = (f"at least {low:g}" if high is None else f"at most {high:g}" if low is None
                         else f"between {low:g} and {high:g}")
                 raise ParameterError(f"{s!r}: {method}.{param} must be {span}, got {v:g}")
+            if m.limits.get(param) is HEAD_COUNT and v >= 1 and v != int(v):
+                raise ParameterError(f"{s!r}: {method}.{param} is a share of the heads below 1 or a whole count "
+                                     f"from 1 on, got {v:g}")
         out.setdefault(method, {})[param] = parsed
     return out
 

@@ -106,12 +106,14 @@ def demo(args: argparse.Namespace) -> int:
     say(f"loaded {model}")
     check_layers(model, args.layer, args.sweep_layers)
     # layers as fractions of the depth, so the defaults travel between models (30 layers: 18; 6/12/18/24)
-    layer = args.layer if args.layer is not None else round(0.6 * model.n_layers)
-    sweep_layers = args.sweep_layers or sorted({round(f * model.n_layers) for f in (0.2, 0.4, 0.6, 0.8)})
+    layer = args.layer if args.layer is not None else model.layer_at(0.62)
+    sweep_layers = args.sweep_layers or sorted({model.layer_at(f) for f in (0.2, 0.4, 0.62, 0.83)})
     train = sb.behavior(args.behaviour, "train")[: args.n_train]
     test = sb.behavior(args.behaviour, "test")[: args.n_test]
     questions = sb.behavior(args.behaviour, "open")[: args.n_prompts]
-    caa = sb.CAA.fit(model, train, read=args.read, layer=layer, dataset=f"project:{args.behaviour}")
+    caa = sb.CAA.fit(model, train, read=args.read, layer=layer, dataset=f"project:{args.behaviour}", unit=args.unit)
+    if args.multipliers is None:
+        args.multipliers = [-4.0, 0.0, 4.0] if args.unit == "multiplier" else [-0.5, 0.0, 0.5]
     path = caa.save(out / f"caa_{args.behaviour}_{args.read}.safetensors")
     say(f"fitted CAA ({args.read} read) on {len(train)} {args.behaviour} pairs -> {path}")
 
@@ -120,7 +122,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"\n  {q}")
         for m in args.multipliers:
             g = sb.generate(model, q, steer=caa.scaled(m), max_new_tokens=args.max_new_tokens)
-            rows.append({"prompt": q, "multiplier": m, "layer": caa.layer, "text": g.text})
+            rows.append({"prompt": q, "multiplier": m, "unit": caa.strength_unit, "layer": caa.layer, "text": g.text})
             print(f"    m={m:+g}: {g.text!r}")
     (out / "generations.json").write_text(json.dumps(rows, indent=1))
     say(f"generated {len(rows)} answers at layer {caa.layer}")
@@ -253,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model", default=None, help="a model name: gemma-3-270m (offline), a hub name, or the "
                                                  "default SmolLM2-135M-Instruct (offline)")
     d.add_argument("--layer", type=int, default=None,
-                   help="layer steered in the generations (default: 60%% of the depth, 18 of 30)")
+                   help="layer steered in the generations (default: 62%% of the depth, 18 of 30)")
     d.add_argument("--sweep-layers", type=int, nargs="+", default=None,
-                   help="layers of the A/B sweep (default: 20/40/60/80%% of the depth)")
-    d.add_argument("--multipliers", type=_finite, nargs="+", default=[-4.0, 0.0, 4.0])
+                   help="layers of the A/B sweep (default: 20/40/62/83%% of the depth: 6/12/18/24 of 30)")
+    d.add_argument("--unit", default="multiplier", choices=["multiplier", "resid"],
+                   help="what a multiplier counts: m x the CAA vector (reference), or s x the mean residual norm "
+                        "at the layer, which travels between layers and models (default: %(default)s)")
+    d.add_argument("--multipliers", type=_finite, nargs="+", default=None,
+                   help="strengths (default: -4 0 4, or -0.5 0 0.5 with --unit resid)")
     d.add_argument("--n-train", type=_int_at_least(1), default=None, help="training pairs used (default: all)")
     d.add_argument("--n-test", type=_int_at_least(1), default=25, help="held-out A/B items scored per setting")
     d.add_argument("--n-prompts", type=_int_at_least(1), default=3, help="open-ended prompts to generate from")

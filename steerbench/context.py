@@ -46,6 +46,14 @@ def check_int(value: Any, name: str, low: int | None = None, high: int | None = 
     return value
 
 
+def check_fraction(value: Any, name: str = "fraction") -> float:
+    """``value`` as a float in [0, 1]; else a ParameterError naming ``name``."""
+    value = check_strength(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise ParameterError(f"{name} must be between 0 and 1, got {value:g}")
+    return value
+
+
 def check_layer_index(layer: Any, n_layers: int, name: str = "layer") -> int:
     """``layer`` as an index into ``n_layers`` layers; negative counts from the end, as in
     Python (-1: the last). Anything else (a bool, 2.5, out of range) is a ParameterError."""

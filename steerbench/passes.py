@@ -98,13 +98,16 @@ def forward_pass(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     stop_at_layer: int | None = None,
+    last: int | None = None,
 ) -> tuple[torch.Tensor | None, Any]:
     """One forward pass under the hooks ``steering`` installed: ``(logits, cache)``.
 
     Every steered pass goes through here (the token loop, ``forward_batch`` and the
     steered suffixes). ``cached=True`` extends ``cache`` (None: a new one) through
     :func:`~steerbench.kvcache.forward_cached`; otherwise the cache returned is None, and
-    ``stop_at_layer`` may cut the pass short (logits None).
+    ``stop_at_layer`` may cut the pass short (logits None). ``last``: logits of the last
+    ``last`` columns only ([batch, last, vocab]; the unembedding runs on those alone, which
+    matters with Gemma's 262k vocabulary: 1 MB per position in fp32).
 
     When the installed steerer has operators that read the unsteered activation
     (``ctx.clean_mask`` set), the columns up to the last one it steers are first run with
@@ -117,6 +120,8 @@ def forward_pass(
         kw["attention_mask"] = attention_mask
     if position_ids is not None:
         kw["position_ids"] = position_ids
+    if last is not None:
+        kw["logits_to_keep"] = min(int(last), ids.shape[1])
     check_context_length(model, ids.shape[1] + (cache_length(cache) if cached and cache is not None else 0))
     with _own_pass(ctx):
         if ctx.clean_mask is not None and (isinstance(ctx.strength, torch.Tensor) or ctx.strength):
@@ -144,6 +149,7 @@ def _clean_prepass(model: Model, ctx: StepContext, ids: torch.Tensor, cache: Any
         return
     n = int(cols.max()) + 1
     part = dict(kw)
+    part["logits_to_keep"] = 1  # its logits are never read
     if "attention_mask" in kw:  # it also spans the cached columns
         part["attention_mask"] = kw["attention_mask"][:, : kw["attention_mask"].shape[1] - ids.shape[1] + n]
     if "position_ids" in kw:
@@ -225,12 +231,15 @@ def forward_batch(
     stop_at_layer: int | None = None,
     grad: bool = False,
     row_strengths: torch.Tensor | None = None,
+    last: int | None = None,
 ) -> tuple[torch.Tensor | None, Batch]:
     """One forward pass over left-padded ``seqs`` with ``steer`` applied.
 
     ``steer_from[b]`` is where steering starts in row b (default: nowhere, i.e. past
     the end). Returns the logits (None when ``stop_at_layer`` cuts the pass short) and
-    the Batch for indexing. ``grad=True`` runs with autograd on, through the same hooks
+    the Batch for indexing. ``last``: logits of the last ``last`` columns only (the rows
+    are left-padded, so those are every row's last tokens): column ``c`` of the batch is
+    then ``logits[:, c - (width - last)]``. ``grad=True`` runs with autograd on, through the same hooks
     (the model's own weights stay as they are: freeze them to train only a steerer).
     """
     refuse_observing([steer], "a batched forward pass")
@@ -241,7 +250,7 @@ def forward_batch(
     ctx.set_pass(batch.positions)
     with torch.set_grad_enabled(grad), steering(model, steer, ctx, extra_hooks):
         out, _ = forward_pass(model, ctx, batch.ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.positions.clamp(min=0), stop_at_layer=stop_at_layer)
+                              position_ids=batch.positions.clamp(min=0), stop_at_layer=stop_at_layer, last=last)
     return out, batch
 
 
@@ -369,10 +378,12 @@ def steered_suffixes(
                 cache.crop(-width)
             yield k, logits
         else:
-            full, batch = forward_batch(model, seqs, steer, steer_from, extra_hooks, row_strengths=row_strengths)
+            # only the suffix columns' logits: the rest of the pass keeps no [rows, tokens, vocab]
+            full, batch = forward_batch(model, seqs, steer, steer_from, extra_hooks, row_strengths=row_strengths,
+                                        last=width)
             assert full is not None
-            logits = full
-            out = logits.new_zeros((len(seqs), width, logits.shape[-1]))
+            cut = max(lengths) - width  # the batch column that full's column 0 is
+            out = full.new_zeros((len(seqs), width, full.shape[-1]))
             for b, a in enumerate(split_at):
-                out[b, : lengths[b] - a] = logits[b, batch.offsets[b] + a :]
+                out[b, : lengths[b] - a] = full[b, batch.offsets[b] + a - cut :]
             yield k, out

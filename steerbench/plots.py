@@ -28,8 +28,8 @@ _READOUTS = {
 def ab_sweep(df, metrics: Sequence[str] = ("win_rate", "letter"), title: str = "A/B score against multiplier") -> go.Figure:
     """Lines of each A/B readout against the multiplier, one line per steered layer.
 
-    ``df`` is the tidy table from ``evaluation.ab_sweep`` (columns layer, multiplier and
-    the readouts). A flat line at 0.5 on the letter readout means the model does not
+    ``df`` is the tidy table from ``evaluation.ab_sweep`` (columns layer, multiplier, unit
+    and the readouts; the x axis names the unit). A flat line at 0.5 on the letter readout means the model does not
     read the A/B choice at all.
     """
     metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
@@ -37,6 +37,8 @@ def ab_sweep(df, metrics: Sequence[str] = ("win_rate", "letter"), title: str = "
         raise ValueError("the table has none of the requested readouts")
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_READOUTS[m][0] for m in metrics])
     layers = sorted(df.layer.unique())
+    # what the multiplier counts (CAA: m x v[L], or s x the mean residual norm at L)
+    unit = df["unit"].iloc[0] if "unit" in df.columns else "multiplier m"
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     for col, metric in enumerate(metrics, start=1):
         for k, layer in enumerate(layers):
@@ -51,7 +53,7 @@ def ab_sweep(df, metrics: Sequence[str] = ("win_rate", "letter"), title: str = "
             )
         if metric in ("win_rate", "letter"):
             fig.add_hline(y=0.5, line_dash="dot", line_color="grey", row=1, col=col)
-        fig.update_xaxes(title_text="steering multiplier m", row=1, col=col)
+        fig.update_xaxes(title_text=f"steering strength: {unit}", row=1, col=col)
         fig.update_yaxes(title_text=_READOUTS[metric][1], row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", legend_title_text="steered layer",
                       height=420, width=520 * len(metrics))

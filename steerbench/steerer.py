@@ -159,6 +159,11 @@ class Steerer:
                     return v.provenance()
         return {}
 
+    @property
+    def strength_unit(self) -> str:
+        """What ``strength`` counts, for axis titles and reports (e.g. CAA: "m (x v[L])")."""
+        return "strength"
+
     def describe(self) -> str:
         return f"{type(self).__name__}(strength={self.strength:g})"
 

@@ -48,7 +48,8 @@ def test_steering_moves_scores_and_strength_zero_does_not(model, caa):
 def test_sweep_is_tidy_and_scores_multiplier_zero_once(model, caa):
     items = sb.behavior("tone", "test")[:3]
     df = ab_sweep(model, lambda L, m: caa.at(L).scaled(m), items, [6, 12], [-2, 0, 2], progress=False)
-    assert list(df.columns) == ["layer", "multiplier", "letter", "win_rate", "margin", "n"]
+    assert list(df.columns) == ["layer", "multiplier", "unit", "letter", "win_rate", "margin", "n"]
+    assert set(df.unit) == {"m (x v[L])"}  # what the multiplier counts, for the plot's axis
     assert len(df) == 6
     zero = df[df.multiplier == 0]
     assert zero.margin.nunique() == 1

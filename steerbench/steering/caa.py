@@ -10,6 +10,14 @@
 3. Apply r[L] += m * v[L] at every position from the end of the user instruction on:
    the last prompt token, any answer prefix and every generated token. In blocks:
    (Site.resid(L), FROM_INSTRUCTION, Add(v[L])).
+
+Units of the strength. ``unit="multiplier"`` (the paper's): m times v[L], whose norm
+follows the residual stream's, which differs 50x across layers and models (SmolLM2:
+about 45 at layer 0 to 740 at layer 29; Gemma 3 270M: 200 to 38,000). ``unit="resid"``:
+s times the mean residual norm at L over the fitting data's read tokens, along v[L]'s
+direction, so s = 0.5 means "half the typical residual norm" on any layer of any model
+(m = 4 at SmolLM2's layer 18 is s = 0.48 there). The norms are measured in the fitting
+pass and stored in the artifact.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerbench.activations import collect_resid
+from steerbench.activations import collect_resid, collect_resid_norms
 from steerbench.artifacts import check_fingerprint
 from steerbench.blocks import FROM_INSTRUCTION, Add, Intervention, Site
 from steerbench.context import check_layer_index
@@ -29,6 +37,7 @@ from steerbench.model import Model
 from steerbench.steerer import Steerer, check_strength
 
 READS = ("letter", "answer")
+UNITS = {"multiplier": "m (x v[L])", "resid": "s (x mean |r[L]|)"}
 
 
 def caa_inputs(model: Model, items: Sequence[ABItem], read: str, system: str | None = None):
@@ -78,6 +87,8 @@ class CAA(Steerer):
     layer: int
     strength: float = 1.0
     read: str = "letter"
+    unit: str = "multiplier"  # or "resid": strength in units of the mean residual norm (module docstring)
+    resid_norms: torch.Tensor | None = None  # [n_layers]: per item, mean |r[L]| over its read tokens; mean over items
     fitted_on: dict = field(default_factory=dict)  # model fingerprint
     info: dict = field(default_factory=dict)  # dataset name/hash, pair count
 
@@ -90,6 +101,16 @@ class CAA(Steerer):
         if self.read not in READS:
             raise ValueError(f"read must be one of {READS}, got {self.read!r}")
         self.strength = check_strength(self.strength)
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {tuple(UNITS)}, got {self.unit!r}")
+        if self.resid_norms is not None:
+            if self.resid_norms.shape != (self.vectors.shape[0],):
+                raise ValueError(f"resid_norms must be [n_layers] = [{self.vectors.shape[0]}], "
+                                 f"got shape {tuple(self.resid_norms.shape)}")
+            if not (torch.isfinite(self.resid_norms).all() and (self.resid_norms > 0).all()):
+                raise ValueError("resid_norms must be finite and positive")
+        if self.unit == "resid" and self.resid_norms is None:
+            raise ValueError("unit='resid' needs the residual norms measured when fitting (CAA.fit stores them)")
 
     # -- fitting ---------------------------------------------------------------------------
     @classmethod
@@ -103,16 +124,21 @@ class CAA(Steerer):
         system: str | None = None,
         batch_size: int = 16,
         dataset: str = "",
+        unit: str = "multiplier",
     ) -> CAA:
         """Fit vectors for every layer from A/B items (one forward pass per text).
 
         ``read="answer"`` (the default) reads the mean over the answer's tokens;
         ``"letter"``, the reference's reading at the answer letter, barely moves this
-        135M model (README, "CAA readouts")."""
+        135M model (README, "CAA readouts"). ``unit``: what ``strength`` counts
+        (module docstring); the residual norms for ``"resid"`` are measured either way.
+        ``layer``: default the middle one (``n_layers // 2``)."""
         if not items:
             raise ValueError("CAA needs at least one A/B item to fit")
         layer = model.n_layers // 2 if layer is None else model.check_layer(layer)
-        acts, _, _ = caa_activations(model, items, read, system, batch_size)
+        seqs, spans = caa_inputs(model, items, read, system)
+        acts, norms = collect_resid_norms(model, seqs, position="mean", spans=spans, batch_size=batch_size, norms=True)
+        assert norms is not None
         n = len(items)
         vectors = (acts[:n] - acts[n:]).mean(0).float()  # v[L] = mean(pos - neg)
         return cls(
@@ -120,6 +146,8 @@ class CAA(Steerer):
             layer=layer,
             strength=strength,
             read=read,
+            unit=unit,
+            resid_norms=norms.mean(0).float(),  # both sides' read tokens
             fitted_on=model.fingerprint(),
             info={"dataset": dataset, "dataset_hash": items_hash(items), "n_pairs": n, "system": system},
         )
@@ -129,9 +157,23 @@ class CAA(Steerer):
         """The same vectors, steering ``layer`` (negative: from the last layer)."""
         return dataclasses.replace(self, layer=layer)
 
+    def in_units(self, unit: str) -> CAA:
+        """The same vectors with ``strength`` counted in ``unit`` ("multiplier" or "resid")."""
+        return dataclasses.replace(self, unit=unit)
+
+    @property
+    def strength_unit(self) -> str:
+        return UNITS[self.unit]
+
     @property
     def vector(self) -> torch.Tensor:
-        return self.vectors[self.layer]
+        """What strength 1 adds at the steered layer: v[L], or in unit "resid" v[L]'s
+        direction at the mean residual norm there."""
+        v = self.vectors[self.layer]
+        if self.unit == "resid":
+            assert self.resid_norms is not None
+            v = v / v.norm().clamp_min(1e-12) * self.resid_norms[self.layer]
+        return v
 
     # -- Steerer -------------------------------------------------------------------------
     def interventions(self) -> list[Intervention]:
@@ -147,4 +189,6 @@ class CAA(Steerer):
         super().check_model(model)
 
     def describe(self) -> str:
+        if self.unit == "resid":
+            return f"CAA(layer={self.layer}, s={self.strength:g} x mean |r|, read={self.read})"
         return f"CAA(layer={self.layer}, m={self.strength:g}, read={self.read})"

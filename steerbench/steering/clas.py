@@ -128,8 +128,10 @@ def example_nll(model: Model, steer: Steerer | None, items: Sequence[Example], g
     out = torch.empty(len(items), dtype=torch.float64)
     seqs = [list(e.prompt) + list(e.target) for e in items]
     for idx in length_batches([len(s) for s in seqs], len(seqs), max_tokens):
+        # logits only for the columns that predict a target token (the last target + 1 of each row)
+        keep = max(len(items[i].target) + 1 for i in idx)
         logits, batch = forward_batch(model, [seqs[i] for i in idx], steer, [len(items[i].prompt) - 1 for i in idx],
-                                      grad=grad)
+                                      grad=grad, last=keep)
         assert logits is not None
         if grad and not logits.requires_grad:
             raise ValueError(f"nothing to train: {steer.describe() if steer else 'no steerer'} does not touch the "
@@ -137,7 +139,8 @@ def example_nll(model: Model, steer: Steerer | None, items: Sequence[Example], g
         losses = []
         for row, i in enumerate(idx):
             e = items[i]
-            start = batch.offsets[row] + len(e.prompt) - 1  # the logits that predict the first target token
+            # the logits that predict the first target token (batch column offset + prompt - 1)
+            start = batch.offsets[row] + len(e.prompt) - 1 - (max(batch.lengths) - keep)
             lp = torch.log_softmax(logits[row, start: start + len(e.target)].float(), dim=-1)
             tgt = torch.as_tensor(e.target, device=lp.device)
             losses.append(-lp.gather(-1, tgt[:, None]).mean())

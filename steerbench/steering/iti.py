@@ -222,6 +222,10 @@ class HeadReadout:
         return len(self.heads)
 
     @property
+    def strength_unit(self) -> str:
+        return "alpha (x each head's scale)"
+
+    @property
     def d_head(self) -> int:
         return int(self.weight.shape[-1])
 
