@@ -22,14 +22,16 @@ import torch
 import steerbench as sb
 from steerbench.benchmark import AnswerActivations, FitData, clas_data, few_label_splits
 from steerbench.datasets import mc_set
+from steerbench.model import MODEL_HELP
 from steerbench.steering.clas import CLAS, LoRA, example_nll
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--sets", nargs="+", default=["copa", "tone", "boolq"])
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     print(f"{model}; torch threads {torch.get_num_threads()}")
     print(f"{'set':>8} {'tokens/ex':>9} {'forward s':>9} {'CLAS s':>7} {'x fwd':>6} {'LoRA s':>7} {'x fwd':>6} "
           f"{'peak RSS GB':>11}")

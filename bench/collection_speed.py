@@ -13,6 +13,7 @@ import argparse
 import time
 
 import steerbench as sb
+from steerbench.model import MODEL_HELP
 from steerbench.steering.caa import caa_inputs
 
 
@@ -25,10 +26,11 @@ def rate(model, inputs, hooks, batch_size) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     items = sb.behavior("tone")
     hooks = [f"blocks.{L}.hook_resid_post" for L in range(model.n_layers)]
     long_inputs, _ = caa_inputs(model, items[: args.n // 2], "answer")

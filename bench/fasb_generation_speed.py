@@ -22,18 +22,19 @@ import time
 import torch
 
 import steerbench as sb
-from steerbench.model import Prompt
+from steerbench.model import MODEL_HELP, Prompt
 from steerbench.truthfulqa import PROMPTS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--questions", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--reference-tokens", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--answers", type=int, default=10, help="questions for the shared-primer comparison")
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     qs = sb.load_truthfulqa()
     fasb = sb.FASB.from_probes(sb.HeadProbes.fit(model, qs[:60]), k=16, strength=15.0, threshold=1.0, backtrack=10)
     prompts = []

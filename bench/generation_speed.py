@@ -14,10 +14,9 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import steerbench as sb
-from steerbench.model import cache_dir
+from steerbench.model import MODEL_HELP, plain_hf_model
 
 PROMPTS = ["How was your weekend?", "What do you think about rainy days?", "Tell me about your favourite food."]
 
@@ -34,12 +33,14 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = sb.load_model()
-    caa = sb.CAA.fit(model, sb.behavior("tone")[:16], read="answer", layer=18, strength=4.0)
+    model = sb.load_model(args.model)
+    layer = model.layer_at(0.62)  # 18 of SmolLM2's 30 layers
+    caa = sb.CAA.fit(model, sb.behavior("tone")[:16], read="answer", layer=layer, strength=4.0)
     prompts = [model.prompt(p) for p in PROMPTS]
     n_tok = args.tokens * len(prompts)
 
@@ -50,9 +51,7 @@ def main() -> None:
                 assert len(g.tokens) == args.tokens
         return run
 
-    hf = AutoModelForCausalLM.from_pretrained(
-        cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32", attn_implementation="eager"
-    ).eval()
+    hf = plain_hf_model(args.model)
 
     def hf_generate():
         with torch.no_grad():
@@ -63,7 +62,7 @@ def main() -> None:
 
     rows = [
         ("steerbench, unsteered", timed(ours(None), args.repeats)),
-        ("steerbench, CAA steered (layer 18, m=4)", timed(ours(caa), args.repeats)),
+        (f"steerbench, CAA steered (layer {layer}, m=4)", timed(ours(caa), args.repeats)),
         ("Hugging Face generate (eager, no bridge)", timed(hf_generate, args.repeats)),
     ]
     base = rows[0][1]

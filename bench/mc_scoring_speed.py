@@ -19,16 +19,18 @@ import torch
 
 import steerbench as sb
 from steerbench.evaluation import continuation_logprobs
+from steerbench.model import MODEL_HELP
 from steerbench.truthfulqa import mc_items, mc_result, mc_scores
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--questions", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--fit-questions", type=int, default=60)
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     qs = sb.load_truthfulqa()
     test = qs[-args.questions:]
     iti = sb.HeadProbes.fit(model, qs[:args.fit_questions]).select(16, alpha=15.0)

@@ -20,17 +20,19 @@ import torch
 
 import steerbench as sb
 from steerbench.benchmark import AnswerActivations, inner_split, question_folds
+from steerbench.model import MODEL_HELP
 from steerbench.steering.real import SCORERS, HeadRelevance, module_relevance
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--folds", type=int, default=5, help="the fit uses the training questions of fold 0 of this many")
     ap.add_argument("--alone", type=int, default=3, help="heads retrained alone to compare with the batch")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--csv", default="")
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     questions = sb.load_truthfulqa()
     train, _ = question_folds(len(questions), args.folds, 42)[0]
     fit_idx, val_idx = inner_split(train)

@@ -20,6 +20,7 @@ import torch
 
 import steerbench as sb
 from steerbench.benchmark import AnswerActivations
+from steerbench.model import MODEL_HELP
 from steerbench.steering.real import SCORERS
 from steerbench.truthfulqa import mc_scores
 
@@ -31,13 +32,14 @@ def setting(text: str) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--iti", type=setting, default=(8, 5.0), help="K,alpha")
     ap.add_argument("--real", type=setting, default=(16, 5.0), help="K,alpha (GRU scorer)")
     ap.add_argument("--real-probe", type=setting, default=(16, 5.0), help="K,alpha (probe scorer)")
     ap.add_argument("--prompt", default="instruction+primer")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     train = sb.load_truthfulqa()
     target = sb.load_truthfulqa("misconceptions")
     acts = AnswerActivations(model, train).all()

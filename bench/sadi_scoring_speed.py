@@ -19,17 +19,19 @@ import torch
 
 import steerbench as sb
 from steerbench.datasets import mc_set
+from steerbench.model import MODEL_HELP
 from steerbench.truthfulqa import mc_scores
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--data", default="copa")
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     spec = mc_set(args.data)
     items = sb.load_mc(args.data, limit=args.items)
     sadi = sb.SADI.fit(model, items[: len(items) // 2], elements="head", k=6, strength=5.0, template=spec.features)

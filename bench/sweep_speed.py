@@ -15,16 +15,21 @@ import time
 
 import steerbench as sb
 from steerbench.evaluation import ab_score, ab_sweep
+from steerbench.model import MODEL_HELP
 
 STRENGTHS = [-4.0, -2.0, 0.0, 2.0, 4.0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--items", type=int, default=25)
-    ap.add_argument("--baseline-layers", type=int, nargs="+", default=[0, 10, 20])
+    ap.add_argument("--baseline-layers", type=int, nargs="+", default=None,
+                    help="default: 0, 1/3 and 2/3 of the depth (0 10 20 of 30 layers)")
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
+    if args.baseline_layers is None:
+        args.baseline_layers = [model.layer_at(f) for f in (0.0, 0.345, 0.69)]
     caa = sb.CAA.fit(model, sb.behavior("tone"), read="answer")
     items = sb.behavior("tone", "test")[: args.items]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import steerbench as sb
+from steerbench.model import MODEL_HELP
 from steerbench.probes import fit_probes
 
 OUT = Path(__file__).parent / "results" / "truthfulqa_head_probes.csv"
@@ -25,9 +26,10 @@ OUT = Path(__file__).parent / "results" / "truthfulqa_head_probes.csv"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
-    model = sb.load_model()
+    model = sb.load_model(args.model)
     questions = sb.load_truthfulqa(limit=args.limit)
     texts, labels, groups = sb.qa_examples(questions)
     t = time.perf_counter()

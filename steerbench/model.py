@@ -402,6 +402,23 @@ def offline_model(name: str | None) -> OfflineModel | None:
     return None
 
 
+MODEL_HELP = ("the model: gemma-3-270m (offline), a Hugging Face hub name, or by default SmolLM2-135M-Instruct "
+              "(offline)")
+
+
+def plain_hf_model(name: str | None = None, attn_implementation: str = "eager") -> Any:
+    """An offline model's cached fp32 weights in a Hugging Face model that TransformerLens
+    never touched: the reference the benches and tests time and compare against (load the
+    model once with ``load_model`` first, which writes the cache)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = offline_model(name)
+    if spec is None:
+        raise ValueError(f"{name!r} is not an offline model; known: {', '.join(OFFLINE_MODELS)}")
+    path = cache_dir() / "models" / spec.cache_name
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation).eval()
+
+
 def _gguf_location() -> Path:
     return OFFLINE_MODELS["smollm2-135m-instruct"].locate()
 

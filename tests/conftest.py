@@ -59,12 +59,9 @@ def hook_count(model: Model) -> int:
 @pytest.fixture(scope="session")
 def plain_hf(model):
     """The same weights in a Hugging Face model that TransformerLens never touched."""
-    from transformers import AutoModelForCausalLM
+    from steerbench.model import plain_hf_model
 
-    from steerbench.model import cache_dir
-
-    path = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-fp32"
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return plain_hf_model()
 
 
 @pytest.fixture(scope="session")
