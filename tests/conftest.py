@@ -7,7 +7,7 @@ from steerbench.model import Model
 
 @pytest.fixture(scope="session")
 def model() -> Model:
-    return sb.load_model(device="cpu")
+    return sb.load_model("smollm2-135m-instruct", device="cpu")  # by name: $STEERBENCH_MODEL never changes it
 
 
 @pytest.fixture(scope="session")
