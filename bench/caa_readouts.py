@@ -35,10 +35,11 @@ def main() -> None:
     ap.add_argument("--behaviours", nargs="+", default=[f"{s}:{n}" for s, n in BEHAVIOURS],
                     help="source:name pairs (default: %(default)s)")
     ap.add_argument("--append", action="store_true", help="add to the existing results file")
+    ap.add_argument("--out", type=Path, default=OUT, help="results file (default: %(default)s)")
     args = ap.parse_args()
     model = sb.load_model(args.model)
     layers = args.layers or sorted({model.layer_at(f) for f in (0.2, 0.4, 0.62, 0.83)})
-    frames = [pd.read_csv(OUT)] if args.append and OUT.exists() else []
+    frames = [pd.read_csv(args.out)] if args.append and args.out.exists() else []
     for source, name in (b.split(":", 1) for b in args.behaviours):
         train = sb.behavior(name, "train", source)[: args.train]
         test = sb.behavior(name, "test", source)[: args.test]
@@ -51,7 +52,7 @@ def main() -> None:
             if args.model:  # the default model's rows keep their old columns
                 df.insert(0, "model", model.name)
             frames.append(df)
-            pd.concat(frames).to_csv(OUT, index=False)
+            pd.concat(frames).to_csv(args.out, index=False)
             print(f"{source}:{name} read={read} ({time.time() - t:.0f}s)")
             print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
 
