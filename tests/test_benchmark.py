@@ -179,8 +179,10 @@ def test_grid_overrides_parse_and_refuse_typos():
         parse_grid(["itti.k=8"])
     with pytest.raises(ValueError, match="has no parameter 'K'"):
         parse_grid(["iti.K=8"])
-    with pytest.raises(ValueError, match="takes int values"):
+    with pytest.raises(ValueError, match="takes float values"):  # a head count: a share below 1, or a count
         parse_grid(["iti.k=eight"])
+    with pytest.raises(ValueError, match="takes int values"):
+        parse_grid(["sadi.k=eight"])
     with pytest.raises(ValueError, match="method.param=v1,v2"):
         parse_grid(["iti"])
     with pytest.raises(ValueError, match="unknown method"):
