@@ -47,7 +47,7 @@ def main() -> None:
     def ours(steer):
         def run():
             for p in prompts:
-                g = sb.generate(model, p, steer=steer, max_new_tokens=args.tokens, stop_at_eos=False)
+                g = sb.generate(model, p, steer=steer, max_new_tokens=args.tokens, stop_at_eos=False, stop=())
                 assert len(g.tokens) == args.tokens
         return run
 
