@@ -120,7 +120,11 @@ def test_only_the_last_prompt_token_is_changed_at_the_first_steered_site(model):
         assert (changed[torch.arange(len(ids)) != p] == 0).all()
         # whole heads scale by 1 + delta, the others stay
         z_s, z_c = sb.blocks.head_view(got["z"], model.d_head)[0, p], sb.blocks.head_view(clean, model.d_head)[0, p]
-        assert torch.allclose(z_s[:3], 6.0 * z_c[:3], atol=1e-5) and torch.equal(z_s[3:], z_c[3:])
+        assert torch.allclose(z_s[:3], 6.0 * z_c[:3], atol=1e-5)
+        if reading == "in_place":
+            assert torch.equal(z_s[3:], z_c[3:])
+        else:  # reset to the clean pre-pass's values: the same sums over fewer columns, so equal to rounding
+            torch.testing.assert_close(z_s[3:], z_c[3:], atol=1e-6, rtol=1e-5)
 
 
 def test_reference_and_in_place_differ_only_where_they_should(model, items):
