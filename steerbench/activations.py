@@ -114,9 +114,9 @@ def collect(
     out: dict[str, list] = {h: [None] * len(encoded) for h in hooks}
     norm_out: dict[str, list] = {h: [None] * len(encoded) for h in hooks} if norms else {}
     # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
-    names_at: dict[int, list[str]] = {}
+    names_at: dict[tuple[int, str], list[str]] = {}
     for name in hooks:
-        names_at.setdefault(id(model.bridge.hook_dict[name]), []).append(name)
+        names_at.setdefault(model.site(name).key, []).append(name)
     sites = [names[0] for names in names_at.values()]
     batches = length_batches([len(ids) for ids, _ in encoded], batch_size)
     show = progress if progress is not None else len(batches) > 4
@@ -126,7 +126,7 @@ def collect(
         offsets = [width - len(s) for s in seqs]
 
         def capture(act: torch.Tensor, hook, idx=idx, offsets=offsets) -> None:
-            for name in names_at[id(hook)]:
+            for name in names_at[hook.key]:
                 _store(out[name], act, idx, offsets, position, spans, norm_out.get(name))
 
         forward_batch(

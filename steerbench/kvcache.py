@@ -1,5 +1,10 @@
 """Where the KV cache goes, per transformers version, and a check that it was filled.
 
+Since steerbench's passes run on the unwrapped Hugging Face modules (``steerbench.runner``),
+the cache goes straight to the Hugging Face model (``past_key_values=``, ``use_cache=True``);
+the bridge's attention wrapper, where transformers 5.24 broke it (below), is no longer on
+that path. The bound ``transformers<5.24`` stays until a fresh install on 5.24 is tested.
+
 Every cached forward pass in steerbench goes through :func:`forward_cached`: the token
 loop's decode steps, the shared-prefix cache of the evaluators and the steered suffixes
 on top of it. It is the one place that knows how the cache reaches the model, and it
@@ -32,10 +37,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-# The keyword TransformerBridge.forward takes the cache under (transformer-lens 4.3.0 has no
-# other, whatever the transformers version below it).
-CACHE_KWARG = "past_key_values"
 
 
 class KVCacheError(RuntimeError):
@@ -77,14 +78,14 @@ def can_crop(cache: Any, n: int) -> bool:
 def forward_cached(model: Any, ids: torch.Tensor, cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """``(logits, cache)`` of one pass over ``ids`` (``[batch, new]``) on top of ``cache``.
 
-    ``cache=None`` starts a new cache. ``kwargs`` go to ``bridge.forward`` (attention
-    mask, position ids). The cache is extended in place and returned; it must hold
+    ``cache=None`` starts a new cache. ``kwargs`` go to the runner's forward (attention
+    mask, position ids, ``logits_to_keep``). The cache is extended in place and returned; it must hold
     exactly ``ids.shape[1]`` more positions afterwards, else :class:`KVCacheError`.
     """
+    from steerbench.runner import forward
+
     before = cache_length(cache)
-    logits, cache = model.bridge.forward(
-        ids, return_type="logits_and_cache", prepend_bos=False, **{CACHE_KWARG: cache}, **kwargs
-    )
+    logits, cache = forward(model.runner, ids, cache=cache, use_cache=True, **kwargs)
     after = cache_length(cache)
     if after != before + ids.shape[1]:
         raise KVCacheError(
@@ -94,4 +95,5 @@ def forward_cached(model: Any, ids: torch.Tensor, cache: Any = None, **kwargs: A
             f"constraints.txt (make install); transformers 5.24 with transformer-lens 4.3.0 is known "
             f"to leave the cache empty. Run `steerbench doctor`."
         )
+    assert logits is not None
     return logits, cache

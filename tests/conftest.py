@@ -30,7 +30,6 @@ def any_caa(any_model, tone):
 @pytest.fixture(scope="session")
 def tiny_model(model) -> Model:
     """A second, genuinely different model: a small random Llama sharing the tokenizer."""
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -38,8 +37,7 @@ def tiny_model(model) -> Model:
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, pad_token_id=2, bos_token_id=1, eos_token_id=2)
     hf = LlamaForCausalLM(cfg).eval()
-    bridge = TransformerBridge.boot_transformers("tiny-random-llama", hf_model=hf, tokenizer=model.tokenizer, device="cpu")
-    return Model(bridge=bridge, tokenizer=model.tokenizer, name="tiny-random-llama")
+    return Model.wrap(hf, model.tokenizer, "tiny-random-llama")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +51,10 @@ def caa(model, tone):
 
 
 def hook_count(model: Model) -> int:
-    return sum(len(p.fwd_hooks) for p in set(model.bridge.hook_dict.values()))
+    """Hooks left anywhere: on the runner's modules (where steerbench hooks) and on the bridge's hook points."""
+    from steerbench.runner import hook_count as runner_hooks
+
+    return runner_hooks(model.runner) + sum(len(p.fwd_hooks) for p in set(model.bridge.hook_dict.values()))
 
 
 @pytest.fixture(scope="session")

@@ -51,17 +51,18 @@ def test_the_cache_grows_by_the_columns_fed(model):
 
 
 def _empty_cache_bridge(model, monkeypatch):
-    """The bridge as transformers 5.24 left it: a cache that never fills."""
+    """A model whose cache never fills (as transformers 5.24 left the bridge's)."""
     from transformers import DynamicCache
 
-    real = model.bridge.forward
+    from steerbench import runner
 
-    def forward(ids, *args, **kwargs):
-        kwargs.pop("past_key_values", None)
-        logits, _ = real(ids, *args, **kwargs)
-        return logits, DynamicCache()
+    real = runner.forward
 
-    monkeypatch.setattr(model.bridge, "forward", forward)
+    def forward(net, ids, *, cache=None, use_cache=False, **kwargs):
+        logits, _ = real(net, ids, use_cache=False, **kwargs)
+        return logits, (DynamicCache() if use_cache else None)
+
+    monkeypatch.setattr(runner, "forward", forward)
 
 
 def test_an_empty_cache_stops_generation_loudly(model, monkeypatch):
