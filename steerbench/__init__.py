@@ -14,7 +14,7 @@ from steerbench.datasets import (
     qa_examples,
 )
 from steerbench.errors import ArtifactError, DatasetError, ModelMismatch, ParameterError, SteerbenchError
-from steerbench.generation import Generation, Trace, generate
+from steerbench.generation import Generation, Trace, generate, generate_many
 from steerbench.model import Model, Prompt, load_model
 from steerbench.passes import SharedPrefix, forward_batch
 from steerbench.steering import (
@@ -68,6 +68,7 @@ __all__ = [
     "collect_resid",
     "forward_batch",
     "generate",
+    "generate_many",
     "load_ab",
     "load_mc",
     "load_model",

@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from steerbench.context import check_int
 from steerbench.errors import ParameterError
 from steerbench.kvcache import can_crop
 from steerbench.model import Model, Prompt
-from steerbench.passes import SharedPrefix, check_context_length, forward_pass, steering
+from steerbench.passes import SharedPrefix, check_context_length, forward_pass, length_batches, steering
 from steerbench.steerer import Decision, Steerer, StepContext, StepState, check_strength
 
 # -------------------------------------------------------------------------------------
@@ -45,6 +46,8 @@ class TokenStep:
     # site -> strength applied there, for steerers that compute their own per token and layer
     # (CLAS: s * (c . r + b) at each layer); ``strength`` is then their mean over sites
     site_strengths: dict[str, float] | None = None
+    logit: float | None = None  # the chosen token's logit
+    margin: float | None = None  # the top logit minus the runner-up's: how near a tie the choice was
 
 
 @dataclass
@@ -105,6 +108,52 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
+@dataclass
+class _Options:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    use_cache: bool
+    stop_at_eos: bool
+    max_rollbacks: int
+    stop: tuple[str, ...] | None
+
+
+def _options(max_new_tokens, temperature, top_p, seed, use_cache, stop_at_eos, max_rollbacks, stop) -> _Options:
+    """The generation settings checked, before any pass (a ParameterError names the bad one)."""
+    if isinstance(stop, str):
+        stop = (stop,)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
+    max_rollbacks = check_int(max_rollbacks, "max_rollbacks", low=0)
+    temperature = check_strength(temperature, "temperature")
+    top_p = check_strength(top_p, "top_p")
+    if temperature < 0:
+        raise ParameterError(f"temperature must be 0 (greedy) or more, got {temperature:g}")
+    if not 0 < top_p <= 1:
+        raise ParameterError(f"top_p must be in (0, 1], got {top_p:g}")
+    if seed is not None:
+        seed = check_int(seed, "seed", low=0)
+    if stop is not None:
+        stop = tuple(stop)
+        if not all(isinstance(x, str) and x for x in stop):
+            raise ParameterError(f"stop must be non-empty strings, got {stop!r}")
+    return _Options(max_new_tokens, temperature, top_p, seed, bool(use_cache), bool(stop_at_eos), max_rollbacks, stop)
+
+
+def _checked_prompt(model: Model, prompt: str | Prompt, chat: bool, o: _Options, steer: Steerer | None,
+                    prefix: SharedPrefix | None) -> Prompt:
+    p = _as_prompt(model, prompt, chat)
+    check_context_length(model, len(p.ids) + o.max_new_tokens,
+                         f"the prompt ({len(p.ids)} tokens) plus max_new_tokens ({o.max_new_tokens})")
+    if prefix is not None:
+        if list(p.ids[: len(prefix)]) != prefix.ids or len(prefix) >= len(p.ids):
+            raise ValueError("the shared prefix must be a proper prefix of the prompt's tokens")
+        if len(prefix) > p.steer_from or (steer is not None and not steer.prefix_invariant):
+            raise ValueError("the shared prefix must end at or before steer_from (it was computed unsteered)")
+    return p
+
+
 def generate(
     model: Model,
     prompt: str | Prompt,
@@ -138,151 +187,237 @@ def generate(
     ``prefix``: a :class:`~steerbench.passes.SharedPrefix` the prompt starts with (e.g. TruthfulQA's instruction
     and primer, shared by many questions) that ends at or before ``steer_from``: its
     keys and values are reused instead of being recomputed for every prompt.
+    Many prompts at once: :func:`generate_many` (the same loop, batched).
     """
-    if isinstance(stop, str):
-        stop = (stop,)
-    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
-    max_rollbacks = check_int(max_rollbacks, "max_rollbacks", low=0)
-    temperature = check_strength(temperature, "temperature")
-    top_p = check_strength(top_p, "top_p")
-    if temperature < 0:
-        raise ParameterError(f"temperature must be 0 (greedy) or more, got {temperature:g}")
-    if not 0 < top_p <= 1:
-        raise ParameterError(f"top_p must be in (0, 1], got {top_p:g}")
-    if seed is not None:
-        seed = check_int(seed, "seed", low=0)
-    if stop is not None and not all(isinstance(x, str) and x for x in stop):
-        raise ParameterError(f"stop must be non-empty strings, got {stop!r}")
-    p = _as_prompt(model, prompt, chat)
-    check_context_length(model, len(p.ids) + max_new_tokens,
-                         f"the prompt ({len(p.ids)} tokens) plus max_new_tokens ({max_new_tokens})")
-    if stop is None:  # a base model given a plain chat prompt goes on to write the next turn itself
-        stop = ("\nUser:",) if p.format == "plain" else ()
-    device = model.device
-    eos = model.eos_ids if stop_at_eos else set()
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    observes = steer is not None and steer.observes
+    o = _options(max_new_tokens, temperature, top_p, seed, use_cache, stop_at_eos, max_rollbacks, stop)
+    p = _checked_prompt(model, prompt, chat, o, steer, prefix)
+    return _token_loop(model, [p], steer, o, prefix, on_step)[0]
 
-    seq: list[int] = list(p.ids)  # every kept token, prompt first
-    n_prompt = len(p.ids)
-    trace = Trace(prompt_format=p.format)
-    ctx = StepContext(steer_from=torch.tensor([p.steer_from], device=device),
-                      gen_from=torch.tensor([len(p.ids)], device=device))
-    cache = None
-    n_cached = 0  # tokens whose keys/values are in the cache
-    if prefix is not None:
-        if list(p.ids[: len(prefix)]) != prefix.ids or len(prefix) >= len(p.ids):
-            raise ValueError("the shared prefix must be a proper prefix of the prompt's tokens")
-        if len(prefix) > p.steer_from or (steer is not None and not steer.prefix_invariant):
-            raise ValueError("the shared prefix must end at or before steer_from (it was computed unsteered)")
-        if use_cache:
-            cache, n_cached = prefix.expanded(1), len(prefix)
+
+# Rows a batch of generate_many holds by default: 16 answers at once were 5-6x one at a time here
+BATCH_SIZE = 16
+
+
+def generate_many(
+    model: Model,
+    prompts: Sequence[str | Prompt],
+    steer: Steerer | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop_at_eos: bool = True,
+    chat: bool = True,
+    max_rollbacks: int = 16,
+    stop: str | Sequence[str] | None = None,
+    prefix: SharedPrefix | None = None,
+    batch_size: int = BATCH_SIZE,
+    progress: bool | None = None,
+) -> list[Generation]:
+    """:func:`generate` for many prompts, ``batch_size`` rows at a time: one Generation per
+    prompt, in order, each with its own trace, stop and (with ``seed``) random stream.
+
+    The rows are left-padded (prompts of like length share a batch) and every column
+    carries its absolute position, so a steerer's position rule holds in every row as it
+    does alone; a row that has finished (EOS, a stop string, ``max_new_tokens``) leaves the
+    batch. Steerers whose strength is computed in their hooks batch exactly; a steerer that
+    observes and rolls back (FASB) decides per answer, so its prompts run one at a time
+    through the same loop, and each trace says so (a ``"unbatched"`` event). Batched and
+    one-at-a-time runs agree to float rounding (tests/test_generate_many.py).
+    """
+    o = _options(max_new_tokens, temperature, top_p, seed, use_cache, stop_at_eos, max_rollbacks, stop)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    if isinstance(prompts, (str, Prompt)):
+        raise ParameterError("generate_many takes a list of prompts; for one prompt use generate")
+    ps = [_checked_prompt(model, x, chat, o, steer, prefix) for x in prompts]
+    if not ps:
+        raise ParameterError("generate_many needs at least one prompt")
+    one_at_a_time = steer is not None and steer.observes
+    groups = [[i] for i in range(len(ps))] if one_at_a_time else length_batches([len(p) for p in ps], batch_size)
+    out: list[Generation | None] = [None] * len(ps)
+    show = progress if progress is not None else len(groups) > 1
+    for idx in tqdm(groups, desc="generate", disable=not show, leave=False):
+        for i, g in zip(idx, _token_loop(model, [ps[i] for i in idx], steer, o, prefix)):
+            if one_at_a_time:
+                g.trace.events.insert(0, TraceEvent(0, "unbatched", {
+                    "reason": f"{g.steer} observes each answer and may roll it back: generated one at a time"}))
+            out[i] = g
+    return [g for g in out if g is not None]
+
+
+def _token_loop(model: Model, ps: list[Prompt], steer: Steerer | None, o: _Options,
+                prefix: SharedPrefix | None, on_step=None) -> list[Generation]:
+    """The one token loop, over the rows ``ps`` (a steerer that observes: one row)."""
+    observes = steer is not None and steer.observes
+    assert not observes or len(ps) == 1, "an observing steerer decides per row: one row at a time"
+    device = model.device
+    eos = model.eos_ids if o.stop_at_eos else set()
+    # a base model given a plain chat prompt goes on to write the next turn itself
+    stops = [o.stop if o.stop is not None else ("\nUser:",) if p.format == "plain" else () for p in ps]
+    gens = [torch.Generator().manual_seed(o.seed) if o.seed is not None else None for _ in ps]
+    seqs: list[list[int]] = [list(p.ids) for p in ps]  # every kept token, prompt first
+    n_prompt = [len(p.ids) for p in ps]
+    traces = [Trace(prompt_format=p.format) for p in ps]
+    step_no = [0] * len(ps)
+    batched = len(ps) > 1  # one row runs without a mask, exactly as it always has
+    live = list(range(len(ps)))  # the prompt each batch row is
+    ctx = StepContext(steer_from=torch.tensor([p.steer_from for p in ps], device=device),
+                      gen_from=torch.tensor(n_prompt, device=device))
+    # a shared prefix's keys and values once per row; with a sliding window the left padding
+    # after it would sit inside the window of the padded rows, so then each batch computes it
+    window = model.sliding_window
+    head = prefix if o.use_cache and prefix is not None and (
+        not batched or window is None or max(n_prompt) + o.max_new_tokens < window) else None
+
+    def start_cache():
+        if head is None:
+            return None, [0] * len(live), torch.zeros(len(live), 0, dtype=torch.long, device=device)
+        return (head.expanded(len(live)), [len(head)] * len(live),
+                torch.ones(len(live), len(head), dtype=torch.long, device=device))
+
+    cache, n_cached, mask = start_cache()  # n_cached[i]: tokens of row i whose keys/values are cached
     n_rollbacks = 0
-    step_no = 0
-    finished = False
+    finished = [False] * len(ps)
 
     def emit(item):
         if on_step is not None:
             on_step(item)
 
     with torch.no_grad(), steering(model, steer, ctx):
-        while True:
-            start = n_cached if use_cache else 0
-            feed = seq[start:]
-            ctx.set_pass(torch.arange(start, len(seq), device=device)[None, :])
-            ids = torch.tensor([feed], device=device)
+        while live:
+            feeds = [seqs[r][(n_cached[i] if o.use_cache else 0):] for i, r in enumerate(live)]
+            width = max(len(f) for f in feeds)
+            pos = torch.full((len(live), width), -1, dtype=torch.long)
+            ids = torch.full((len(live), width), model.pad_id, dtype=torch.long)
+            for i, f in enumerate(feeds):
+                first = n_cached[i] if o.use_cache else 0
+                ids[i, width - len(f):] = torch.as_tensor(f)
+                pos[i, width - len(f):] = torch.arange(first, first + len(f))
+            ids, pos = ids.to(device), pos.to(device)
+            new_mask = (pos >= 0).long()
+            full_mask = torch.cat([mask, new_mask], 1) if o.use_cache else new_mask
+            ctx.set_pass(pos)
             # only the newest position's logits (the prompt's would be [prompt, vocab] each pass)
-            logits, cache = forward_pass(model, ctx, ids, cache, cached=use_cache, last=1)
+            logits, cache = forward_pass(model, ctx, ids, cache, cached=o.use_cache, last=1,
+                                         attention_mask=full_mask if batched else None,
+                                         position_ids=pos.clamp(min=0) if batched else None)
             assert logits is not None
-            if use_cache:
-                n_cached = len(seq)
-            n_gen = len(seq) - n_prompt
+            if o.use_cache:
+                mask = full_mask
+                n_cached = [len(seqs[r]) for r in live]
 
-            decision: Decision | None = None
-            if observes and n_gen > 0:
-                assert steer is not None
-                decision = steer.observe(
-                    StepState(seq[-1], len(seq) - 1, n_gen, finished, ctx)
-                )
-            if decision is not None:
-                kept = trace.kept
-                if decision.score is not None and kept:
-                    kept[-1].score = float(decision.score)
-                if decision.strength is not None:
-                    # the loop applies the new strength: hooks read it from the context
-                    ctx.strength = check_strength(decision.strength, "Decision.strength")
-                    ev = TraceEvent(step_no, "strength", {"strength": float(decision.strength)})
-                    trace.events.append(ev)
-                    emit(ev)
-                k = min(int(decision.rollback), n_gen)
-                if k > 0 and n_rollbacks >= max_rollbacks:
-                    ev = TraceEvent(step_no, "rollback_refused", {"tokens": k, "limit": max_rollbacks})
-                    trace.events.append(ev)
-                    emit(ev)
-                elif k > 0:
-                    n_rollbacks += 1
-                    dropped = kept[-k:]
-                    for s in dropped:
-                        s.discarded = True
-                    ev = TraceEvent(
-                        step_no,
-                        "rollback",
-                        {"tokens": k, "from_position": len(seq) - k, "text": model.decode([s.token_id for s in dropped]),
-                         "note": decision.note},
-                    )
-                    trace.events.append(ev)
-                    emit(ev)
-                    del seq[-k:]
-                    if use_cache and can_crop(cache, k + 1):
-                        assert cache is not None
-                        # drop the k tokens and the one before them, which is fed again so
-                        # its logits (under the new steering) give the next token
-                        cache.crop(-(k + 1))
-                        n_cached = len(seq) - 1
-                    elif use_cache:
-                        # sliding-window layers past their window have dropped the keys a crop
-                        # would need: recompute the kept tokens instead (exact, one pass; their
-                        # keys and values then see the steering in force now)
-                        cache, n_cached = (prefix.expanded(1), len(prefix)) if prefix is not None else (None, 0)
-                        ev = TraceEvent(step_no, "recompute", {"reason": "sliding-window cache past its window",
-                                                               "tokens": len(seq) - n_cached})
+            if observes:  # one row: the steerer may change the strength or roll back
+                r = live[0]
+                seq, trace = seqs[r], traces[r]
+                n_gen = len(seq) - n_prompt[r]
+                decision: Decision | None = None
+                if n_gen > 0:
+                    assert steer is not None
+                    decision = steer.observe(StepState(seq[-1], len(seq) - 1, n_gen, finished[r], ctx))
+                if decision is not None:
+                    kept = trace.kept
+                    if decision.score is not None and kept:
+                        kept[-1].score = float(decision.score)
+                    if decision.strength is not None:
+                        # the loop applies the new strength: hooks read it from the context
+                        ctx.strength = check_strength(decision.strength, "Decision.strength")
+                        ev = TraceEvent(step_no[r], "strength", {"strength": float(decision.strength)})
                         trace.events.append(ev)
                         emit(ev)
-                    finished = False
-                    continue
-            if finished:
-                break
-
-            token = _pick(logits[0, -1], temperature, top_p, gen)
-            # the column whose logits chose this token: steered if a rule named it and the
-            # strength in force was not 0; the strength recorded is the one applied
-            col_steered = steer is not None and bool(steer.steered(ctx)[0, -1])
-            strength = float(ctx.strength) if col_steered and ctx.strength is not None else 0.0
-            per_site = None
-            if col_steered and ctx.applied:
-                last = torch.stack([v[0, -1] for v in ctx.applied.values()]).tolist()  # one device sync per token
-                per_site = dict(zip(ctx.applied, last))
-                strength = sum(per_site.values()) / len(per_site)
-            col_steered = col_steered and strength != 0
-            ts = TokenStep(step_no, len(seq), token, model.decode([token]), strength, col_steered, site_strengths=per_site)
-            step_no += 1
-            trace.steps.append(ts)
-            emit(ts)
-            seq.append(token)
-            hit_stop = bool(stop) and any(x in model.decode(seq[n_prompt:]) for x in stop)
-            if token in eos or hit_stop or len(seq) - n_prompt >= max_new_tokens:
-                finished = True
-                if not observes:
+                    k = min(int(decision.rollback), n_gen)
+                    if k > 0 and n_rollbacks >= o.max_rollbacks:
+                        ev = TraceEvent(step_no[r], "rollback_refused", {"tokens": k, "limit": o.max_rollbacks})
+                        trace.events.append(ev)
+                        emit(ev)
+                    elif k > 0:
+                        n_rollbacks += 1
+                        dropped = kept[-k:]
+                        for s in dropped:
+                            s.discarded = True
+                        ev = TraceEvent(
+                            step_no[r],
+                            "rollback",
+                            {"tokens": k, "from_position": len(seq) - k,
+                             "text": model.decode([s.token_id for s in dropped]), "note": decision.note},
+                        )
+                        trace.events.append(ev)
+                        emit(ev)
+                        del seq[-k:]
+                        if o.use_cache and can_crop(cache, k + 1):
+                            assert cache is not None
+                            # drop the k tokens and the one before them, which is fed again so
+                            # its logits (under the new steering) give the next token
+                            cache.crop(-(k + 1))
+                            n_cached = [len(seq) - 1]
+                            mask = mask[:, : len(seq) - 1]
+                        elif o.use_cache:
+                            # sliding-window layers past their window have dropped the keys a crop
+                            # would need: recompute the kept tokens instead (exact, one pass; their
+                            # keys and values then see the steering in force now)
+                            cache, n_cached, mask = start_cache()
+                            ev = TraceEvent(step_no[r], "recompute", {"reason": "sliding-window cache past its window",
+                                                                      "tokens": len(seq) - n_cached[0]})
+                            trace.events.append(ev)
+                            emit(ev)
+                        finished[r] = False
+                        continue
+                if finished[r]:
                     break
 
-    tokens = seq[n_prompt:]
-    text = model.decode([t for t in tokens if t not in eos])
-    for x in stop:
-        text = text.split(x)[0]
-    return Generation(
-        prompt=p,
-        tokens=tokens,
-        text=text,
-        trace=trace,
-        steer=steer.describe() if steer is not None else "none",
-    )
+            steered = steer.steered(ctx)[:, -1].tolist() if steer is not None else [False] * len(live)
+            per_site_rows = None
+            if steer is not None and ctx.applied:  # one device sync per token
+                per_site_rows = torch.stack([v[:, -1] for v in ctx.applied.values()], 1).tolist()
+            last_logits = logits[:, -1]
+            tokens = [_pick(last_logits[i], o.temperature, o.top_p, gens[r]) for i, r in enumerate(live)]
+            top2 = last_logits.topk(2, dim=-1).values
+            chosen = last_logits.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+            facts = torch.stack([chosen, top2[:, 0] - top2[:, 1]], 1).tolist()  # one device sync per step
+            done: list[int] = []
+            for i, r in enumerate(live):
+                seq, token = seqs[r], tokens[i]
+                # the column whose logits chose this token: steered if a rule named it and the
+                # strength in force was not 0; the strength recorded is the one applied
+                col_steered = bool(steered[i])
+                row_strength = ctx.strength[i] if isinstance(ctx.strength, torch.Tensor) else ctx.strength
+                strength = float(row_strength) if col_steered and row_strength is not None else 0.0
+                per_site = None
+                if col_steered and per_site_rows is not None:
+                    per_site = dict(zip(ctx.applied, per_site_rows[i]))
+                    strength = sum(per_site.values()) / len(per_site)
+                col_steered = col_steered and strength != 0
+                ts = TokenStep(step_no[r], len(seq), token, model.decode([token]), strength, col_steered,
+                               site_strengths=per_site, logit=facts[i][0], margin=facts[i][1])
+                step_no[r] += 1
+                traces[r].steps.append(ts)
+                emit(ts)
+                seq.append(token)
+                hit_stop = bool(stops[r]) and any(x in model.decode(seq[n_prompt[r]:]) for x in stops[r])
+                if token in eos or hit_stop or len(seq) - n_prompt[r] >= o.max_new_tokens:
+                    finished[r] = True
+                    if not observes:
+                        done.append(i)
+            if done:  # finished rows leave the batch: their cache rows, mask rows and positions go
+                keep = [i for i in range(len(live)) if i not in done]
+                live = [live[i] for i in keep]
+                if not live:
+                    break
+                sel = torch.tensor(keep, device=device)
+                if o.use_cache:
+                    assert cache is not None
+                    cache.batch_select_indices(sel)
+                    mask = mask[sel]
+                    n_cached = [n_cached[i] for i in keep]
+                assert ctx.gen_from is not None
+                ctx.steer_from, ctx.gen_from = ctx.steer_from[sel], ctx.gen_from[sel]
+
+    out = []
+    for r, p in enumerate(ps):
+        tokens = seqs[r][n_prompt[r]:]
+        text = model.decode([t for t in tokens if t not in eos])
+        for x in stops[r]:
+            text = text.split(x)[0]
+        out.append(Generation(prompt=p, tokens=tokens, text=text, trace=traces[r],
+                              steer=steer.describe() if steer is not None else "none"))
+    return out

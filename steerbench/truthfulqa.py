@@ -65,13 +65,15 @@ PROMPTS = {
 
 
 def generate_answers(model: Model, questions: Sequence[MCQuestion], steer: Steerer | None = None,
-                     prompt: str = "instruction+primer", max_new_tokens: int = 50) -> list:
+                     prompt: str = "instruction+primer", max_new_tokens: int = 50, batch_size: int = 16) -> list:
     """Greedy one-line answers to ``questions`` under ``steer``, as the bench generates
     them: the prompt template ``prompt`` (a name in PROMPTS, or a template with
     ``{question}``; "chat": the model's chat format), steering from the last prompt token,
-    a stop at the first newline, and the template's shared instruction and primer computed
-    once for all questions. Returns one :class:`~steerbench.generation.Generation` each."""
-    from steerbench.generation import generate
+    a stop at the first newline, the template's shared instruction and primer computed
+    once for all questions, ``batch_size`` questions at a time (``generate_many``; a
+    steerer that rolls back runs one at a time). Returns one
+    :class:`~steerbench.generation.Generation` each."""
+    from steerbench.generation import generate_many
     from steerbench.passes import SharedPrefix
 
     template = PROMPTS.get(prompt, prompt)
@@ -82,8 +84,8 @@ def generate_answers(model: Model, questions: Sequence[MCQuestion], steer: Steer
     # the instruction and primer every prompt starts with: computed once, not per question
     share = len(prompts) > 1 and (steer is None or steer.prefix_invariant)
     head = SharedPrefix.of(model, prompts, limit=min(len(ids) for ids in prompts) - 1) if share else None
-    return [generate(model, Prompt(ids, steer_from=len(ids) - 1), steer=steer, max_new_tokens=max_new_tokens,
-                     stop=("\n",), prefix=head) for ids in prompts]
+    return generate_many(model, [Prompt(ids, steer_from=len(ids) - 1) for ids in prompts], steer=steer,
+                         max_new_tokens=max_new_tokens, stop=("\n",), prefix=head, batch_size=batch_size)
 
 
 def mc_metrics(true_lp: Sequence[float], false_lp: Sequence[float], best: int = 0) -> tuple[float, float, float]:
