@@ -63,11 +63,11 @@ def test_batched_generation_equals_one_at_a_time(model, steerers, name, use_cach
     kw = dict(steer=steer, max_new_tokens=8, use_cache=use_cache)
     singles = [sb.generate(model, p, **kw) for p in PROMPTS]
     together = sb.generate_many(model, PROMPTS, batch_size=4, **kw)
-    # other company: reversed order, batches of two
-    pairs = sb.generate_many(model, PROMPTS[::-1], batch_size=2, **kw)[::-1]
-    for s, t, u in zip(singles, together, pairs):
+    for s, t in zip(singles, together):
         _agree(s, t)
-        _agree(s, u)
+    if use_cache and name != "FASB":  # other company: reversed order, batches of two (FASB: one at a time anyway)
+        for s, u in zip(singles, sb.generate_many(model, PROMPTS[::-1], batch_size=2, **kw)[::-1]):
+            _agree(s, u)
     assert hook_count(model) == 0
     unbatched = [g for g in together if any(e.kind == "unbatched" for e in g.trace.events)]
     assert len(unbatched) == (len(PROMPTS) if name == "FASB" else 0)
