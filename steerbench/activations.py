@@ -111,8 +111,8 @@ def collect(
             raise ValueError(f"position {position} is before the start of input {short[0]}")
 
     stop = _stop_layer(hooks)
-    out: dict[str, list] = {h: [None] * len(encoded) for h in hooks}
-    norm_out: dict[str, list] = {h: [None] * len(encoded) for h in hooks} if norms else {}
+    out: dict[str, Any] = {h: [None] * len(encoded) if position == "all" else _Rows(len(encoded)) for h in hooks}
+    norm_out: dict[str, _Rows] = {h: _Rows(len(encoded)) for h in hooks} if norms else {}
     # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
     names_at: dict[tuple[int, str], list[str]] = {}
     for name in hooks:
@@ -139,33 +139,60 @@ def collect(
         )
     if position == "all":
         return dict(out)
-    result = {h: torch.stack(v) for h, v in out.items()}
-    result.update({f"{h}#norm": torch.stack(v) for h, v in norm_out.items()})
+    result = {h: v.tensor for h, v in out.items()}
+    result.update({f"{h}#norm": v.tensor for h, v in norm_out.items()})
     return result
+
+
+class _Rows:
+    """One preallocated CPU tensor of results, filled a batch at a time. (Keeping one small
+    tensor per item instead pinned the heap between the batches' large transient
+    activations: collecting TruthfulQA's 5,880 answers peaked at 23 GB resident for a
+    406 MB result; 904 answers at 6.5 GB.)"""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._t: torch.Tensor | None = None
+
+    def put(self, idx: list[int], vals: torch.Tensor) -> None:
+        if self._t is None:
+            self._t = torch.empty((self.n, *vals.shape[1:]), dtype=vals.dtype)
+        self._t[torch.as_tensor(idx)] = vals.to("cpu")
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        assert self._t is not None, "every item is stored before the result is read"
+        return self._t
 
 
 def _store(dest, act, idx, offsets, position, spans, norm_dest=None) -> None:
     act = act.detach()
     width = act.shape[1]
-    for row, i in enumerate(idx):
+    if position == "last":
+        dest.put(idx, act[:, width - 1])
+        return
+    if isinstance(position, int):
+        dest.put(idx, act[:, width + position])
+        return
+    if position == "all":
+        for row, i in enumerate(idx):
+            dest[i] = act[row, offsets[row]:].to("cpu", copy=True)
+        return
+    means, norms = [], []
+    for row, i in enumerate(idx):  # mean over each row's own tokens (or span)
         off = offsets[row]
-        if position == "last":
-            val = act[row, width - 1]
-        elif isinstance(position, int):
-            val = act[row, width + position]
-        elif position == "all":
-            val = act[row, off:]
-        else:  # mean
-            if spans is not None:
-                s, e = spans[i]
-                e = width - off if e is None else e
-                tokens = act[row, off + s : off + e]
-            else:
-                tokens = act[row, off:]
-            val = tokens.mean(0)
-            if norm_dest is not None:
-                norm_dest[i] = tokens.float().norm(dim=-1).mean().cpu()
-        dest[i] = val.to("cpu", copy=True)
+        if spans is not None:
+            s, e = spans[i]
+            e = width - off if e is None else e
+            tokens = act[row, off + s : off + e]
+        else:
+            tokens = act[row, off:]
+        means.append(tokens.mean(0))
+        if norm_dest is not None:
+            norms.append(tokens.float().norm(dim=-1).mean())
+    dest.put(idx, torch.stack(means))
+    if norm_dest is not None:
+        norm_dest.put(idx, torch.stack(norms))
 
 
 def collect_heads(model: Model, inputs: Sequence[Input], position: Position = "last", **kwargs) -> torch.Tensor:
