@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from steerbench.context import check_fraction, check_layer_index
 from steerbench.runner import InsideModule, ModuleSite, resolve_sites
@@ -499,11 +500,28 @@ def _load_offline_hf(spec: OfflineModel, dtype: torch.dtype, refresh: bool = Fal
     target = cache_dir() / "models" / spec.cache_name
     stamp = target / "steerbench.json"
     source = spec.source()
-    if not refresh and stamp.exists() and json.loads(stamp.read_text()) == source:
-        with _no_progress_bar():  # a cached load takes a second: no bar for it
-            tokenizer = AutoTokenizer.from_pretrained(target)
-            hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-        return hf, tokenizer
+
+    def cached() -> bool:
+        return not refresh and stamp.exists() and json.loads(stamp.read_text()) == source
+
+    if not cached():
+        # two processes loading at once (two notebooks, parallel tests): one dequantizes, the
+        # other waits and then reads its cache
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not cached():
+                return _dequantize(spec, target, source, dtype)
+    with _no_progress_bar():  # a cached load takes a second: no bar for it
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    return hf, tokenizer
+
+
+def _dequantize(spec: OfflineModel, target: Path, source: dict, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM as _Auto
+    from transformers import AutoTokenizer
+
+    AutoModelForCausalLM: Any = _Auto
     folder = spec.locate()
     print(f"steerbench: first load of {spec.hub_name}: dequantizing its GGUF file into {target} "
           "(once; 20-60 s)", flush=True)
@@ -519,9 +537,9 @@ def _load_offline_hf(spec: OfflineModel, dtype: torch.dtype, refresh: bool = Fal
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "steerbench.json").write_text(json.dumps(source))
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
+        (target / "steerbench.json").write_text(json.dumps(source))  # last: it says the rest is there
         tmp.rmdir()
         if spec.assembled:  # the joined GGUF is no longer needed once the fp32 cache exists
             (folder / spec.gguf).unlink(missing_ok=True)
