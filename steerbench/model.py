@@ -107,7 +107,7 @@ class Model:
         sharing every weight) is taken first, then the bridge wraps ``hf`` in place."""
         from transformer_lens.model_bridge import TransformerBridge
 
-        from steerbench.runner import unwrapped_copy
+        from steerbench.runner import runner_attention, unwrapped_copy
 
         hf = hf.to(device).eval()
         runner: Any
@@ -115,8 +115,9 @@ class Model:
         bridge = TransformerBridge.boot_transformers(hub_name or name, hf_model=hf, tokenizer=tokenizer,
                                                      device=str(device), dtype=dtype)
         bridge.eval()
-        # the bridge's attention implementation (eager): logits equal the bridge's bit for bit
-        runner.set_attn_implementation(getattr(bridge.original_model.config, "_attn_implementation"))
+        # the bridge's attention implementation (eager, without repeat_kv's copies): logits equal
+        # the bridge's bit for bit
+        runner.set_attn_implementation(runner_attention(getattr(bridge.original_model.config, "_attn_implementation")))
         runner.eval()
         return cls(bridge=bridge, tokenizer=tokenizer, name=name, source=source, runner=runner,
                    _originals=originals)

@@ -77,3 +77,20 @@ def test_a_stopped_pass_leaves_no_hook(model):
     full = sb.collect(model, ["hello there"], ["blocks.29.hook_resid_post"])
     assert out["blocks.3.hook_resid_post"].shape == full["blocks.29.hook_resid_post"].shape
     assert hook_count(model.runner) == 0
+
+
+def test_grouped_attention_is_hugging_face_eager_bit_for_bit(any_model):
+    """The runner's eager attention without repeat_kv's copies gives Hugging Face's eager
+    logits exactly, on a left-padded batch."""
+    from steerbench.runner import GROUPED_EAGER
+
+    m = any_model
+    assert m.runner.config._attn_implementation == GROUPED_EAGER
+    logits, batch = forward_batch(m, _texts(m))
+    try:
+        m.runner.set_attn_implementation("eager")
+        plain, _ = forward_batch(m, _texts(m))
+    finally:
+        m.runner.set_attn_implementation(GROUPED_EAGER)
+    assert logits is not None and plain is not None
+    assert torch.equal(logits, plain)
