@@ -18,8 +18,9 @@ import time
 import torch
 
 import steerbench as sb
+import steerbench.generation as gen_module
 from steerbench.model import MODEL_HELP
-from steerbench.passes import SharedPrefix
+from steerbench.passes import SharedPrefix, length_batches
 from steerbench.truthfulqa import PROMPTS
 
 
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--fixed", action="store_true", help="also time fixed batches (no rows joining)")
+    ap.add_argument("--refill-fraction", type=int, nargs="+", default=[gen_module.REFILL_FRACTION],
+                    help="refill once 1/N of the batch is free (generation.REFILL_FRACTION)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = sb.load_model(args.model)
@@ -50,12 +54,30 @@ def main() -> None:
         n_tok = sum(len(g.tokens) for g in ref)
         print(f"{'one at a time':26s} {name:>6s} {base:8.1f} {len(qs) / base:10.2f} {1.0:16.2f}x {n_tok:7d}")
         for b in args.batch:
-            t = time.perf_counter()
-            got = sb.generate_many(model, prompts, steer=steer, batch_size=b, progress=False, **kw)
-            sec = time.perf_counter() - t
-            same = sum(g.text == r.text for g, r in zip(got, ref))
-            print(f"{f'generate_many, batch {b}':26s} {name:>6s} {sec:8.1f} {len(qs) / sec:10.2f} "
-                  f"{base / sec:16.2f}x {sum(len(g.tokens) for g in got):7d} {same:>5d}/{len(qs)}")
+            runs = [(f"batch {b}, refilled", lambda b=b: sb.generate_many(
+                model, prompts, steer=steer, batch_size=b, progress=False, **kw))]
+            if args.fixed:  # the reference: fixed batches of like length, each run until its longest answer
+                runs.insert(0, (f"batch {b}, fixed", lambda b=b: _fixed(model, prompts, steer, b, kw)))
+            for label, run in runs:
+                for frac in args.refill_fraction if "refilled" in label else [None]:
+                    if frac is not None:
+                        gen_module.REFILL_FRACTION = frac
+                    t = time.perf_counter()
+                    got = run()
+                    sec = time.perf_counter() - t
+                    same = sum(g.text == r.text for g, r in zip(got, ref))
+                    lab = label + (f" at 1/{frac}" if frac is not None and len(args.refill_fraction) > 1 else "")
+                    print(f"{lab:26s} {name:>6s} {sec:8.1f} {len(qs) / sec:10.2f} "
+                          f"{base / sec:16.2f}x {sum(len(g.tokens) for g in got):7d} {same:>5d}/{len(qs)}")
+
+
+def _fixed(model, prompts, steer, b, kw):
+    out = [None] * len(prompts)
+    for idx in length_batches([len(p) for p in prompts], b):
+        for i, g in zip(idx, sb.generate_many(model, [prompts[i] for i in idx], steer=steer, batch_size=len(idx),
+                                              progress=False, **kw)):
+            out[i] = g
+    return out
 
 
 if __name__ == "__main__":

@@ -22,9 +22,17 @@ from tqdm.auto import tqdm
 
 from steerbench.context import check_int
 from steerbench.errors import ParameterError
-from steerbench.kvcache import can_crop
+from steerbench.kvcache import can_crop, drop_left, stack_rows
 from steerbench.model import Model, Prompt
-from steerbench.passes import Batch, SharedPrefix, check_context_length, forward_pass, length_batches, steering
+from steerbench.passes import (
+    MAX_BATCH_TOKENS,
+    Batch,
+    SharedPrefix,
+    check_context_length,
+    forward_pass,
+    length_batches,
+    steering,
+)
 from steerbench.steerer import Decision, Steerer, StepContext, StepState, check_strength
 
 # -------------------------------------------------------------------------------------
@@ -197,6 +205,8 @@ def generate(
 # Rows a batch of generate_many holds by default: 64 one-line TruthfulQA answers came 4.1x as fast
 # as one at a time at 16 rows, 2.7x at 8 and 3.9x at 32 (bench/batched_generation.py, 2 cores)
 BATCH_SIZE = 16
+# free rows are refilled once a quarter of the batch is free (each refill is a pass of its own)
+REFILL_FRACTION = 4
 
 
 def generate_many(
@@ -222,7 +232,10 @@ def generate_many(
     The rows are left-padded (prompts of like length share a batch) and every column
     carries its absolute position, so a steerer's position rule holds in every row as it
     does alone; a row that has finished (EOS, a stop string, ``max_new_tokens``) leaves the
-    batch. Steerers whose strength is computed in their hooks batch exactly; a steerer that
+    batch, and once a quarter of the rows are free the next prompts take their places (their
+    prompts are run in a pass of their own and their keys and values joined to the batch's;
+    not on a model whose sliding window the prompts would fill: there each batch runs to its
+    end). Steerers whose strength is computed in their hooks batch exactly; a steerer that
     observes and rolls back (FASB) decides per answer, so its prompts run one at a time
     through the same loop, and each trace says so (a ``"unbatched"`` event). Batched and
     one-at-a-time runs agree to float rounding (tests/test_generate_many.py).
@@ -235,23 +248,46 @@ def generate_many(
     if not ps:
         raise ParameterError("generate_many needs at least one prompt")
     one_at_a_time = steer is not None and steer.observes
-    groups = [[i] for i in range(len(ps))] if one_at_a_time else length_batches([len(p) for p in ps], batch_size)
     out: list[Generation | None] = [None] * len(ps)
-    show = progress if progress is not None else len(groups) > 1
-    for idx in tqdm(groups, desc="generate", disable=not show, leave=False):
-        for i, g in zip(idx, _token_loop(model, [ps[i] for i in idx], steer, o, prefix)):
-            if one_at_a_time:
+    bar = tqdm(total=len(ps), desc="generate", disable=not (progress if progress is not None else len(ps) > 1),
+               leave=False)
+    with bar:
+        if one_at_a_time:
+            for i, p in enumerate(ps):
+                g = _token_loop(model, [p], steer, o, prefix)[0]
                 g.trace.events.insert(0, TraceEvent(0, "unbatched", {
                     "reason": f"{g.steer} observes each answer and may roll it back: generated one at a time"}))
-            out[i] = g
+                out[i] = g
+                bar.update(1)
+            return [g for g in out if g is not None]
+        # prompts of like length side by side; a finished row's place goes to the next prompt,
+        # unless a sliding window would fill (its layers then hold no padding to line rows up)
+        window = model.sliding_window
+        if not o.use_cache or window is None or max(len(p) for p in ps) + o.max_new_tokens < window:
+            groups = [sorted(range(len(ps)), key=lambda i: len(ps[i]))]
+        else:
+            groups = length_batches([len(p) for p in ps], batch_size)
+        for idx in groups:
+            gens = _token_loop(model, [ps[i] for i in idx], steer, o, prefix, width=batch_size,
+                               on_done=lambda _: bar.update(1))
+            for i, g in zip(idx, gens):
+                out[i] = g
     return [g for g in out if g is not None]
 
 
 def _token_loop(model: Model, ps: list[Prompt], steer: Steerer | None, o: _Options,
-                prefix: SharedPrefix | None, on_step=None) -> list[Generation]:
-    """The one token loop, over the rows ``ps`` (a steerer that observes: one row)."""
+                prefix: SharedPrefix | None, on_step=None, width: int | None = None,
+                on_done=None) -> list[Generation]:
+    """The one token loop, over the rows ``ps`` (a steerer that observes: one row).
+
+    ``width``: at most this many rows at once; the others wait in ``ps``'s order and take
+    the place of rows that finished (their prompt, but for its last token, is run in a
+    pass of its own and its keys and values joined to the batch's). ``on_done(i)`` is
+    called when ``ps[i]`` has finished.
+    """
     observes = steer is not None and steer.observes
     assert not observes or len(ps) == 1, "an observing steerer decides per row: one row at a time"
+    width = len(ps) if width is None else width
     device = model.device
     eos = model.eos_ids if o.stop_at_eos else set()
     # a base model given a plain chat prompt goes on to write the next turn itself
@@ -262,14 +298,30 @@ def _token_loop(model: Model, ps: list[Prompt], steer: Steerer | None, o: _Optio
     traces = [Trace(prompt_format=p.format) for p in ps]
     step_no = [0] * len(ps)
     batched = len(ps) > 1  # one row runs without a mask, exactly as it always has
-    live = list(range(len(ps)))  # the prompt each batch row is
-    ctx = StepContext(steer_from=torch.tensor([p.steer_from for p in ps], device=device),
-                      gen_from=torch.tensor(n_prompt, device=device))
+    queue = list(range(len(ps)))  # prompts not started yet
+
+    def take(free: int) -> list[int]:
+        """The next waiting prompts, at most ``free``, whose first pass stays within MAX_BATCH_TOKENS."""
+        new = [queue.pop(0)]
+        while queue and len(new) < free and (len(new) + 1) * n_prompt[queue[0]] <= MAX_BATCH_TOKENS:
+            new.append(queue.pop(0))
+        return new
+
+    live = take(width)  # the prompt each batch row is
+
+    def row_context(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor([ps[r].steer_from for r in rows], device=device),
+                torch.tensor([n_prompt[r] for r in rows], device=device))
+
+    steer_from, gen_from = row_context(live)
+    ctx = StepContext(steer_from=steer_from, gen_from=gen_from)
     # a shared prefix's keys and values once per row; with a sliding window the left padding
     # after it would sit inside the window of the padded rows, so then each batch computes it
     window = model.sliding_window
-    head = prefix if o.use_cache and prefix is not None and (
-        not batched or window is None or max(n_prompt) + o.max_new_tokens < window) else None
+    unwindowed = window is None or max(n_prompt) + o.max_new_tokens < window
+    head = prefix if o.use_cache and prefix is not None and (not batched or unwindowed) else None
+    if queue and o.use_cache and not unwindowed:
+        raise ValueError("rows can join a batch only while no sliding window is full")
 
     def start_cache():
         if head is None:
@@ -278,6 +330,34 @@ def _token_loop(model: Model, ps: list[Prompt], steer: Steerer | None, o: _Optio
                 torch.ones(len(live), len(head), dtype=torch.long, device=device))
 
     cache, n_cached, mask = start_cache()  # n_cached[i]: tokens of row i whose keys/values are cached
+
+    def admit(new: list[int]) -> None:
+        """Rows ``new`` join the batch: every token of their prompts but the last (which the
+        next step feeds, as for every row) is run now, steered as in the batch, and its keys
+        and values are added to the cache."""
+        nonlocal cache, mask, n_cached
+        skip = len(head) if head is not None else 0
+        for group in ([r for r in new if n_prompt[r] - 1 > skip], [r for r in new if n_prompt[r] - 1 <= skip]):
+            if not group:
+                continue
+            c = head.expanded(len(group)) if head is not None else None
+            m = torch.ones(len(group), skip, dtype=torch.long, device=device)
+            if n_prompt[group[0]] - 1 > skip:
+                body = Batch.pad([seqs[r][skip:-1] for r in group], model.pad_id, device)
+                pos = body.positions + skip * body.attention_mask
+                m = torch.cat([m, body.attention_mask], 1)
+                rows = ctx.steer_from, ctx.gen_from
+                ctx.steer_from, ctx.gen_from = row_context(group)
+                ctx.set_pass(pos)
+                _, c = forward_pass(model, ctx, body.ids, c, cached=True, last=1, attention_mask=m,
+                                    position_ids=pos.clamp(min=0))
+                ctx.steer_from, ctx.gen_from = rows
+            cache, mask = stack_rows(cache, mask, c, m)
+            n_cached = n_cached + [n_prompt[r] - 1 if n_prompt[r] - 1 > skip else skip for r in group]
+            live.extend(group)
+            steer_from, gen_from = row_context(group)
+            assert ctx.gen_from is not None
+            ctx.steer_from, ctx.gen_from = torch.cat([ctx.steer_from, steer_from]), torch.cat([ctx.gen_from, gen_from])
     n_rollbacks = 0
     finished = [False] * len(ps)
 
@@ -392,21 +472,44 @@ def _token_loop(model: Model, ps: list[Prompt], steer: Steerer | None, o: _Optio
                 hit_stop = bool(stops[r]) and any(x in model.decode(seq[n_prompt[r]:]) for x in stops[r])
                 if token in eos or hit_stop or len(seq) - n_prompt[r] >= o.max_new_tokens:
                     finished[r] = True
+                    if on_done is not None:
+                        on_done(r)
                     if not observes:
                         done.append(i)
             if done:  # finished rows leave the batch: their cache rows, mask rows and positions go
                 keep = [i for i in range(len(live)) if i not in done]
                 live = [live[i] for i in keep]
+                if live:
+                    sel = torch.tensor(keep, device=device)
+                    if o.use_cache:
+                        assert cache is not None
+                        cache.batch_select_indices(sel)
+                        mask = mask[sel]
+                        n_cached = [n_cached[i] for i in keep]
+                        # columns that are padding in every row left (rows that joined late are
+                        # padded to the batch's width): drop them
+                        n_empty = int(mask.any(0).int().argmax()) if unwindowed else 0
+                        drop_left(cache, n_empty)
+                        mask = mask[:, n_empty:]
+                    assert ctx.gen_from is not None
+                    ctx.steer_from, ctx.gen_from = ctx.steer_from[sel], ctx.gen_from[sel]
+                # waiting prompts take the free rows once enough are free (each joining costs a pass)
+                if queue and (not live or width - len(live) >= max(1, width // REFILL_FRACTION)):
+                    new = take(width - len(live))
+                    if not live:  # an empty batch starts over, as the first one did
+                        live = new
+                        ctx.steer_from, ctx.gen_from = row_context(live)
+                        cache, n_cached, mask = start_cache()
+                    elif o.use_cache:
+                        admit(new)
+                    else:  # without a cache every step feeds every row's whole sequence
+                        live.extend(new)
+                        steer_from, gen_from = row_context(new)
+                        assert ctx.gen_from is not None
+                        ctx.steer_from = torch.cat([ctx.steer_from, steer_from])
+                        ctx.gen_from = torch.cat([ctx.gen_from, gen_from])
                 if not live:
                     break
-                sel = torch.tensor(keep, device=device)
-                if o.use_cache:
-                    assert cache is not None
-                    cache.batch_select_indices(sel)
-                    mask = mask[sel]
-                    n_cached = [n_cached[i] for i in keep]
-                assert ctx.gen_from is not None
-                ctx.steer_from, ctx.gen_from = ctx.steer_from[sel], ctx.gen_from[sel]
 
     out = []
     for r, p in enumerate(ps):

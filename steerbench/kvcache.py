@@ -97,3 +97,59 @@ def forward_cached(model: Any, ids: torch.Tensor, cache: Any = None, **kwargs: A
         )
     assert logits is not None
     return logits, cache
+
+
+# -------------------------------------------------------------------------------------
+# rows joining and leaving a batch (generate_many refills the rows that finished)
+
+
+def _whole_layers(cache: Any) -> list[Any]:
+    """The cache's layers, each holding every column it was given (a sliding-window layer
+    past its window has dropped its oldest ones: padding or trimming it would misplace keys)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise KVCacheError(f"expected a transformers Cache with layers, got {type(cache).__name__}")
+    for layer in layers:
+        if getattr(layer, "is_sliding", False) and layer.is_initialized and (
+                layer.cumulative_length != layer.keys.shape[-2]):
+            raise KVCacheError("a sliding-window cache layer past its window cannot take new rows")
+    return layers
+
+
+def _set_columns(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+    if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they were given
+        layer.cumulative_length = keys.shape[-2]
+
+
+def drop_left(cache: Any, n: int) -> None:
+    """Remove the ``n`` oldest columns of every row in place (columns that are padding in
+    every row: positions are carried by the keys, so nothing else changes)."""
+    if n <= 0:
+        return
+    for layer in _whole_layers(cache):
+        if layer.is_initialized:
+            _set_columns(layer, layer.keys[:, :, n:], layer.values[:, :, n:])
+
+
+def stack_rows(a: Any, mask_a: torch.Tensor, b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Cache ``a``'s rows followed by ``b``'s (``b`` None: rows with nothing cached yet),
+    the shorter one left-padded with masked zero columns: ``(a, mask)``, ``a`` changed in
+    place. ``mask_a``/``mask_b`` are the two attention masks over the cached columns."""
+    la, lb = mask_a.shape[1], mask_b.shape[1]
+    width = max(la, lb)
+    layers_b = _whole_layers(b) if b is not None else None
+    for i, layer in enumerate(_whole_layers(a)):
+        if not layer.is_initialized:
+            raise KVCacheError("cannot add rows to a cache layer that holds nothing")
+        ka, va = layer.keys, layer.values
+        if layers_b is not None:
+            kb, vb = layers_b[i].keys, layers_b[i].values
+        else:
+            kb = ka.new_zeros(mask_b.shape[0], ka.shape[1], 0, ka.shape[3])
+            vb = va.new_zeros(mask_b.shape[0], va.shape[1], 0, va.shape[3])
+        ka, va = (torch.nn.functional.pad(t, (0, 0, width - la, 0)) for t in (ka, va))
+        kb, vb = (torch.nn.functional.pad(t, (0, 0, width - lb, 0)) for t in (kb, vb))
+        _set_columns(layer, torch.cat([ka, kb]), torch.cat([va, vb]))
+    pad = torch.nn.functional.pad
+    return a, torch.cat([pad(mask_a, (width - la, 0)), pad(mask_b, (width - lb, 0))])

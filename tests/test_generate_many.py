@@ -75,6 +75,31 @@ def test_batched_generation_equals_one_at_a_time(model, steerers, name, use_cach
         assert any(st.steered for g in together for st in g.trace.steps)
 
 
+REFILL_PROMPTS = ["Hi!", "Name a colour.", "What is two plus two?", "Describe the sea.",
+                  "What is the tallest mountain on Earth, and how high is it?", "Say yes."]
+
+
+# cached: the joining rows' keys and values are stacked onto the batch's (SADI: a clean pre-pass
+# on the joining rows; CLAS: per-pass state); uncached, rows are only appended
+@pytest.mark.parametrize(("name", "use_cache"), [("none", True), ("CAA", True), ("SADI", True), ("CLAS", True),
+                                                 ("CAA", False)])
+def test_finished_rows_make_room_for_waiting_prompts(model, steerers, name, use_cache, monkeypatch):
+    """Rows that stop early leave, and waiting prompts join the running batch (their keys and
+    values added to its cache, padded to its width): each answer is still its own."""
+    import steerbench.generation as gen
+    from steerbench.kvcache import stack_rows
+
+    joins = []
+    monkeypatch.setattr(gen, "stack_rows", lambda *a: joins.append(a[3].shape[0]) or stack_rows(*a))
+    kw = dict(steer=None if name == "none" else steerers[name], max_new_tokens=12, stop=(".", "!"), use_cache=use_cache)
+    singles = [sb.generate(model, p, **kw) for p in REFILL_PROMPTS]
+    assert len({len(g.tokens) for g in singles}) > 1  # the rows do finish at different steps
+    for s, t in zip(singles, sb.generate_many(model, REFILL_PROMPTS, batch_size=3, **kw)):
+        _agree(s, t)
+    assert (sum(joins) > 0) == use_cache  # prompts did join a running batch's cache
+    assert hook_count(model) == 0
+
+
 def test_rows_stop_on_their_own(model):
     """A per-row stop: the short answers leave the batch while the long one goes on."""
     prompts = ["Say just the word yes.", "Write a long story about a dragon who learns to cook."]
