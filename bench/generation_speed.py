@@ -68,7 +68,10 @@ def main() -> None:
         return run
 
     hf = plain_hf_model(args.model)
-    assert hf.config._attn_implementation == model.runner.config._attn_implementation == "eager"
+    # the same attention as the runner: eager, with the grouped heads stacked (bit-identical to
+    # Hugging Face's eager, without repeat_kv's copies; steerbench.runner.grouped_eager_attention)
+    hf.set_attn_implementation(model.runner.config._attn_implementation)
+    assert hf.config._attn_implementation == model.runner.config._attn_implementation
     rows = {
         "steerbench, unsteered": ours(None),
         f"steerbench, CAA steered (layer {layer}, s=0.4 resid)": ours(caa),
