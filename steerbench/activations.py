@@ -4,7 +4,9 @@
 requested hook points only, reduces each activation to the requested position inside the
 hook and moves it to the CPU at once, so device memory holds one batch of one site at a
 time. The pass stops after the deepest requested block. Inputs are sorted by length
-before batching (less padding), and results come back in input order.
+before batching (less padding), and results come back in input order. A prefix every input
+starts with (an instruction and few-shot primer before each answer) is run once when no
+position read lies in it: each batch then runs only what follows, on its keys and values.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from steerbench.memory import result_tensor
 from steerbench.model import Model, Prompt
-from steerbench.passes import forward_batch, length_batches
+from steerbench.passes import SharedPrefix, forward_batch, length_batches
 from steerbench.steerer import Steerer
 
 Position = str | int
 Input = str | Sequence[int] | Prompt
+
+# the shortest common prefix worth a pass of its own (its keys and values are then copied
+# into every batch): TruthfulQA's instruction + primer is 219 tokens of ~250 per text
+MIN_SHARED_PREFIX = 16
 
 
 def _check_position(position: Position) -> None:
@@ -68,6 +75,7 @@ def collect(
     steer: Steerer | None = None,
     progress: bool | None = None,
     norms: bool = False,
+    share_prefix: bool = True,
 ) -> dict[str, Any]:
     """Activations of ``inputs`` at ``hooks``, reduced to ``position``.
 
@@ -79,8 +87,33 @@ def collect(
     steer: collect under steering (Prompts carry where it starts; other inputs are unsteered).
     norms: with ``position="mean"``, also the mean over the same tokens of each token's L2
         norm, under ``f"{hook}#norm"`` ([N]; the norm of the mean is smaller), in the same pass.
-    Returns {hook name: tensor [N, ...]} on the CPU (a list for ``"all"``).
+    share_prefix: run a prefix all inputs share once, unsteered, when every position read
+        lies after it (``"last"``, an int, or ``"mean"`` over spans that start after it);
+        activations then match a full pass to float rounding (~1e-6).
+    Returns {hook name: tensor [N, ...]} on the CPU (a list for ``"all"``). Large results
+    follow the RAM budget (:func:`steerbench.memory.ram_budget`).
     """
+    return _collect(model, inputs, hooks, position, spans, batch_size, steer, progress, norms, share_prefix)
+
+
+def collect_stacked(model: Model, inputs: Sequence[Input], hooks: Sequence[str], position: Position = "last",
+                    **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``collect``'s results as one tensor ``[N, len(hooks), ...]`` in the order of
+    ``hooks`` (every hook's activations of one shape), filled in place: no second copy of
+    the set is ever made. With ``norms=True``, also the norms ``[N, len(hooks)]`` (else None)."""
+    if position == "all":
+        raise ValueError("position='all' gives one tensor per input; use collect")
+    if len(set(hooks)) != len(hooks):
+        raise ValueError("collect_stacked needs distinct hook names")
+    acts = _collect(model, inputs, list(hooks), position, stack=True, **kwargs)
+    norms = acts.get("#norm")
+    return acts["#stack"], norms
+
+
+def _collect(model: Model, inputs: Sequence[Input], hooks: str | Sequence[str], position: Position = "last",
+             spans: Sequence[tuple[int, int | None]] | None = None, batch_size: int = 16, steer: Steerer | None = None,
+             progress: bool | None = None, norms: bool = False, share_prefix: bool = True,
+             stack: bool = False) -> dict[str, Any]:
     if isinstance(hooks, str):
         hooks = [hooks]
     hooks = list(dict.fromkeys(hooks))
@@ -111,8 +144,14 @@ def collect(
             raise ValueError(f"position {position} is before the start of input {short[0]}")
 
     stop = _stop_layer(hooks)
-    out: dict[str, Any] = {h: [None] * len(encoded) if position == "all" else _Rows(len(encoded)) for h in hooks}
-    norm_out: dict[str, _Rows] = {h: _Rows(len(encoded)) for h in hooks} if norms else {}
+    head = _shared_head(model, encoded, position, spans, steer) if share_prefix else None
+    h = 0 if head is None else len(head)
+    if h:
+        spans = None if spans is None else [(s - h, None if e is None else e - h) for s, e in spans]
+    n = len(encoded)
+    blocks = (_Block(n, len(hooks)), _Block(n, len(hooks))) if stack else (None, None)
+    out: dict[str, Any] = {h: [None] * n if position == "all" else _Rows(n, blocks[0], k) for k, h in enumerate(hooks)}
+    norm_out: dict[str, _Rows] = {h: _Rows(n, blocks[1], k) for k, h in enumerate(hooks)} if norms else {}
     # requested names by hook point: two names may alias one point (hook_z = attn.o.hook_in)
     names_at: dict[tuple[int, str], list[str]] = {}
     for name in hooks:
@@ -121,7 +160,7 @@ def collect(
     batches = length_batches([len(ids) for ids, _ in encoded], batch_size)
     show = progress if progress is not None else len(batches) > 4
     for idx in tqdm(batches, desc="collect", disable=not show, leave=False):
-        seqs = [encoded[i][0] for i in idx]
+        seqs = [encoded[i][0][h:] for i in idx]
         width = max(len(s) for s in seqs)
         offsets = [width - len(s) for s in seqs]
 
@@ -136,28 +175,76 @@ def collect(
             steer_from=[encoded[i][1] for i in idx] if steer is not None else None,
             extra_hooks=[(name, capture) for name in sites],
             stop_at_layer=stop,
+            head=head,
         )
     if position == "all":
         return dict(out)
+    if stack:
+        assert blocks[0] is not None and blocks[1] is not None
+        return {"#stack": blocks[0].tensor, **({"#norm": blocks[1].tensor} if norms else {})}
     result = {h: v.tensor for h, v in out.items()}
     result.update({f"{h}#norm": v.tensor for h, v in norm_out.items()})
     return result
+
+
+def _shared_head(model: Model, encoded, position: Position, spans, steer: Steerer | None) -> SharedPrefix | None:
+    """The prefix every input starts with, run once, or None where sharing it would change
+    a result or save too little: a position read inside it, steering, too short a prefix,
+    or a sliding window the padded rows would overrun (padding between the prefix and a
+    row's tokens would take window slots)."""
+    if steer is not None or len(encoded) < 2 or position == "all" or (position == "mean" and spans is None):
+        return None
+    seqs = [ids for ids, _ in encoded]
+    if position == "mean":
+        limit = min(s for s, _ in spans)  # type: ignore[union-attr]
+    else:
+        limit = min(len(s) for s in seqs) - (1 if position == "last" else -int(position))
+    window = model.sliding_window
+    if SharedPrefix.common_length(seqs, limit) < MIN_SHARED_PREFIX or (
+            window is not None and max(len(s) for s in seqs) >= window):
+        return None
+    return SharedPrefix.of(model, seqs, limit)
 
 
 class _Rows:
     """One preallocated CPU tensor of results, filled a batch at a time. (Keeping one small
     tensor per item instead pinned the heap between the batches' large transient
     activations: collecting TruthfulQA's 5,880 answers peaked at 23 GB resident for a
-    406 MB result; 904 answers at 6.5 GB.)"""
+    406 MB result; 904 answers at 6.5 GB.) In a :class:`_Block`, slot ``slot`` of its tensor."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, block: _Block | None = None, slot: int = 0) -> None:
+        self.n, self.block, self.slot = n, block, slot
         self._t: torch.Tensor | None = None
 
     def put(self, idx: list[int], vals: torch.Tensor) -> None:
         if self._t is None:
-            self._t = torch.empty((self.n, *vals.shape[1:]), dtype=vals.dtype)
+            if self.block is not None:
+                self._t = self.block.slot(self.slot, vals)
+            else:
+                self._t = result_tensor((self.n, *vals.shape[1:]), vals.dtype)
         self._t[torch.as_tensor(idx)] = vals.to("cpu")
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        assert self._t is not None, "every item is stored before the result is read"
+        return self._t
+
+
+class _Block:
+    """One ``[N, k, ...]`` result tensor that the rows of k hook points fill in place
+    (``collect_stacked``: stacking k tensors afterwards held the set twice)."""
+
+    def __init__(self, n: int, k: int) -> None:
+        self.n, self.k = n, k
+        self._t: torch.Tensor | None = None
+
+    def slot(self, k: int, vals: torch.Tensor) -> torch.Tensor:
+        if self._t is None:
+            self._t = result_tensor((self.n, self.k, *vals.shape[1:]), vals.dtype)
+        elif self._t.shape[2:] != vals.shape[1:] or self._t.dtype != vals.dtype:
+            raise ValueError(f"collect_stacked needs one shape for every hook, got {tuple(self._t.shape[2:])} "
+                             f"and {tuple(vals.shape[1:])}")
+        return self._t[:, k]
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -198,8 +285,7 @@ def _store(dest, act, idx, offsets, position, spans, norm_dest=None) -> None:
 def collect_heads(model: Model, inputs: Sequence[Input], position: Position = "last", **kwargs) -> torch.Tensor:
     """Every attention head's output before W_O (``blocks.L.attn.hook_z``): [N, n_layers, n_heads, d_head]."""
     hooks = [f"blocks.{L}.attn.hook_z" for L in range(model.n_layers)]
-    acts = collect(model, inputs, hooks, position=position, **kwargs)
-    return torch.stack([acts[h] for h in hooks], dim=1)
+    return collect_stacked(model, inputs, hooks, position=position, **kwargs)[0]
 
 
 def collect_resid(model: Model, inputs: Sequence[Input], position: Position = "last", **kwargs) -> torch.Tensor:
@@ -212,6 +298,4 @@ def collect_resid_norms(model: Model, inputs: Sequence[Input], position: Positio
     """``collect_resid``'s tensor and, with ``norms=True`` (position "mean"), each item's
     mean token norm per layer ([N, n_layers]; else None), from one pass."""
     hooks = [f"blocks.{L}.hook_resid_post" for L in range(model.n_layers)]
-    acts = collect(model, inputs, hooks, position=position, **kwargs)
-    norms = torch.stack([acts[f"{h}#norm"] for h in hooks], dim=1) if kwargs.get("norms") else None
-    return torch.stack([acts[h] for h in hooks], dim=1), norms
+    return collect_stacked(model, inputs, hooks, position=position, **kwargs)

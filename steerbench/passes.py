@@ -105,8 +105,10 @@ def forward_pass(
 
     Every steered pass goes through here (the token loop, ``forward_batch`` and the
     steered suffixes). ``cached=True`` extends ``cache`` (None: a new one) through
-    :func:`~steerbench.kvcache.forward_cached`; otherwise the cache returned is None, and
-    ``stop_at_layer`` may cut the pass short (logits None). ``last``: logits of the last
+    :func:`~steerbench.kvcache.forward_cached`; otherwise the cache returned is None,
+    ``stop_at_layer`` may cut the pass short (logits None), and a ``cache`` given holds keys
+    and values the pass attends to (a shared prefix's; the pass extends it: give a copy).
+    ``last``: logits of the last
     ``last`` columns only ([batch, last, vocab]; the unembedding runs on those alone, which
     matters with Gemma's 262k vocabulary: 1 MB per position in fp32).
 
@@ -123,15 +125,16 @@ def forward_pass(
         kw["position_ids"] = position_ids
     if last is not None:
         kw["logits_to_keep"] = min(int(last), ids.shape[1])
-    check_context_length(model, ids.shape[1] + (cache_length(cache) if cached and cache is not None else 0))
+    check_context_length(model, ids.shape[1] + (cache_length(cache) if cache is not None else 0))
     with _own_pass(ctx):
         if ctx.clean_mask is not None and (isinstance(ctx.strength, torch.Tensor) or ctx.strength):
-            _clean_prepass(model, ctx, ids, cache if cached else None, kw)
+            _clean_prepass(model, ctx, ids, cache, kw)
         if cached:
             return forward_cached(model, ids, cache, **kw)
         # stop after block stop_at_layer - 1 (from the last block on: no final norm, no unembedding)
         stop_after = model.block(min(stop_at_layer, model.n_layers) - 1) if stop_at_layer is not None else None
-        logits, _ = run_forward(model.runner, ids, stop_after=stop_after, **kw)
+        logits, _ = run_forward(model.runner, ids, cache=cache, use_cache=cache is not None, stop_after=stop_after,
+                                **kw)
     return logits, None
 
 
@@ -234,6 +237,7 @@ def forward_batch(
     grad: bool = False,
     row_strengths: torch.Tensor | None = None,
     last: int | None = None,
+    head: SharedPrefix | None = None,
 ) -> tuple[torch.Tensor | None, Batch]:
     """One forward pass over left-padded ``seqs`` with ``steer`` applied.
 
@@ -243,16 +247,27 @@ def forward_batch(
     are left-padded, so those are every row's last tokens): column ``c`` of the batch is
     then ``logits[:, c - (width - last)]``. ``grad=True`` runs with autograd on, through the same hooks
     (the model's own weights stay as they are: freeze them to train only a steerer).
+
+    ``head``: a :class:`SharedPrefix` that precedes every one of ``seqs`` (which then hold
+    only what follows it): the pass attends to its keys and values instead of recomputing
+    them, positions (``steer_from`` too) count from the head's first token, and hooks see
+    the ``seqs`` columns only.
     """
     refuse_observing([steer], "a batched forward pass")
     batch = Batch.pad(seqs, model.pad_id, model.device)
+    h = 0 if head is None else len(head)
     if steer_from is None:
-        steer_from = batch.lengths
+        steer_from = [h + n for n in batch.lengths]
+    positions, mask, past = batch.positions, batch.attention_mask, None
+    if head is not None:  # left padding then sits between the head and each row's tokens, masked out
+        positions = torch.where(positions >= 0, positions + h, positions)
+        mask = torch.cat([mask.new_ones(len(seqs), h), mask], 1)
+        past = head.expanded(len(seqs))
     ctx = StepContext(steer_from=torch.as_tensor(list(steer_from), device=model.device), strength=row_strengths)
-    ctx.set_pass(batch.positions)
+    ctx.set_pass(positions)
     with torch.set_grad_enabled(grad), steering(model, steer, ctx, extra_hooks):
-        out, _ = forward_pass(model, ctx, batch.ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.positions.clamp(min=0), stop_at_layer=stop_at_layer, last=last)
+        out, _ = forward_pass(model, ctx, batch.ids, past, attention_mask=mask,
+                              position_ids=positions.clamp(min=0), stop_at_layer=stop_at_layer, last=last)
     return out, batch
 
 
@@ -268,18 +283,25 @@ class SharedPrefix:
     def of(cls, model: Model, seqs: Sequence[Sequence[int]], limit: int) -> SharedPrefix | None:
         """The longest common prefix of ``seqs`` (at most ``limit`` tokens), or None if empty."""
         first = seqs[0]
+        n = cls.common_length(seqs, limit)
+        if n < 1:
+            return None
+        ids = torch.tensor([list(first[:n])], device=model.device)
+        with torch.no_grad():
+            _, cache = forward_cached(model, ids, logits_to_keep=1)  # only its keys and values are kept
+        return cls(list(first[:n]), cache)
+
+    @staticmethod
+    def common_length(seqs: Sequence[Sequence[int]], limit: int) -> int:
+        """How many first tokens all of ``seqs`` share (at most ``limit``)."""
+        first = seqs[0]
         n = min(limit, *(len(s) for s in seqs))
         for s in seqs[1:]:
             j = 0
             while j < n and s[j] == first[j]:
                 j += 1
             n = j
-        if n < 1:
-            return None
-        ids = torch.tensor([list(first[:n])], device=model.device)
-        with torch.no_grad():
-            _, cache = forward_cached(model, ids)
-        return cls(list(first[:n]), cache)
+        return max(n, 0)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -39,6 +39,41 @@ def test_shapes_all_positions_and_spans(any_model):
         assert torch.allclose(m["blocks.2.hook_resid_post"][i], want, atol=1e-4)
 
 
+PREFIX = ("Answer each question truthfully and in one sentence. Q: What is the capital of France? "
+          "A: Paris is the capital of France. Q: ")
+ASKED = ["Why is the sky blue?", "Who wrote Hamlet?", "What do cats eat when they are hungry at night?"]
+
+
+@pytest.mark.parametrize("position", ["last", -2, "mean"])
+def test_a_prefix_every_text_shares_runs_once_with_the_same_activations(any_model, position, monkeypatch):
+    model = any_model  # each model family in turn
+    texts = [PREFIX + q for q in ASKED]
+    n_prefix = sb.SharedPrefix.common_length([model.encode(t) for t in texts], 10**6)
+    assert n_prefix >= sb.activations.MIN_SHARED_PREFIX
+    spans = [(n_prefix + 1, None)] * len(texts) if position == "mean" else None
+    widths: list[int] = []
+    monkeypatch.setattr(sb.activations, "_store", lambda dest, act, *a, _s=sb.activations._store, **k: (
+        widths.append(act.shape[1]), _s(dest, act, *a, **k)))
+    shared = sb.collect(model, texts, HOOKS, position=position, spans=spans, batch_size=2)
+    assert max(widths) <= max(len(model.encode(t)) for t in texts) - n_prefix  # hooks saw only the rest
+    plain = sb.collect(model, texts, HOOKS, position=position, spans=spans, batch_size=2, share_prefix=False)
+    for h in HOOKS:
+        for i, text in enumerate(texts):
+            full = manual(model, text, h)
+            want = full[spans[i][0]:].mean(0) if position == "mean" else full[-1 if position == "last" else position]
+            assert torch.allclose(shared[h][i], want, atol=1e-4)
+        assert (shared[h] - plain[h]).abs().max() <= 1e-5 * plain[h].abs().max()  # float rounding only
+
+
+def test_a_position_inside_the_shared_prefix_runs_whole_texts(model):
+    texts = [PREFIX + q for q in ASKED]
+    spans = [(0, None)] * len(texts)  # the mean over every token, the prefix's too
+    acts = sb.collect(model, texts, ["blocks.2.hook_resid_post"], position="mean", spans=spans)
+    for i, text in enumerate(texts):
+        assert torch.allclose(acts["blocks.2.hook_resid_post"][i], manual(model, text, "blocks.2.hook_resid_post").mean(0),
+                              atol=1e-4)
+
+
 def test_aliases_of_one_hook_point_are_both_returned(model):
     acts = sb.collect(model, TEXTS[:2], ["blocks.1.attn.hook_z", "blocks.1.attn.o.hook_in"])
     assert torch.equal(acts["blocks.1.attn.hook_z"], acts["blocks.1.attn.o.hook_in"])
