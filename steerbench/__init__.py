@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from steerbench.activations import collect, collect_heads, collect_resid
+from steerbench.activations import collect, collect_heads, collect_resid, collect_stacked
 from steerbench.datasets import (
     ABItem,
     MCQuestion,
@@ -15,6 +15,7 @@ from steerbench.datasets import (
 )
 from steerbench.errors import ArtifactError, DatasetError, ModelMismatch, ParameterError, SteerbenchError
 from steerbench.generation import Generation, Trace, generate, generate_many
+from steerbench.memory import ram_budget
 from steerbench.model import Model, Prompt, load_model
 from steerbench.passes import SharedPrefix, forward_batch
 from steerbench.steering import (
@@ -65,6 +66,8 @@ __all__ = [
     "behavior",
     "collect",
     "collect_heads",
+    "collect_stacked",
+    "ram_budget",
     "collect_resid",
     "forward_batch",
     "generate",

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from steerbench.errors import ArtifactError, ModelMismatch
+from steerbench.memory import map_safetensors
 
 if TYPE_CHECKING:
     from steerbench.model import Model
@@ -44,9 +45,10 @@ def save_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], hea
     return p
 
 
-def load_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def load_artifact(path: str | os.PathLike, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and JSON header of the artifact at ``path``; ArtifactError (naming the
-    file) for a folder, a file that is not safetensors, or one without steerbench's header."""
+    file) for a folder, a file that is not safetensors, or one without steerbench's header.
+    ``mmap=True``: the tensors map the file (copy on write) instead of being read into RAM."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no artifact at {p}")
@@ -55,7 +57,7 @@ def load_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(p))
+        tensors = (map_safetensors(p) if mmap else None) or load_file(str(p))
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
         raise ArtifactError(f"{p} is not a readable safetensors file ({type(err).__name__}: {err})") from None
     if HEADER_KEY not in meta:

@@ -37,6 +37,7 @@ from steerbench.artifacts import load_artifact, save_artifact
 from steerbench.datasets import MCQuestion, neutral_texts, qa_examples
 from steerbench.errors import ArtifactError, ParameterError
 from steerbench.evaluation import kl_to_unsteered
+from steerbench.memory import budget_bytes, result_tensor
 from steerbench.model import Model, cache_dir
 from steerbench.probes import group_split
 from steerbench.steerer import Steerer
@@ -170,7 +171,7 @@ class AnswerActivations:
         corrupt or holds another number of rows: they are then collected again."""
         n = self._n
         try:
-            acts = load_artifact(p)[0].get("z")
+            acts = load_artifact(p, mmap=budget_bytes() is not None)[0].get("z")
             if acts is None or acts.shape[0] != n:
                 raise ArtifactError(f"{p} holds {None if acts is None else acts.shape[0]} rows, not {n}")
             return acts
@@ -184,7 +185,9 @@ class AnswerActivations:
         if missing:
             raise KeyError(f"no activations for question {missing[0]!r}")
         rows = torch.tensor([i for q in questions for i in self._rows[q]])
-        return self.all()[rows]
+        acts = self.all()
+        out = result_tensor((len(rows), *acts.shape[1:]), acts.dtype)  # within the RAM budget
+        return torch.index_select(acts, 0, rows, out=out)
 
 
 # -------------------------------------------------------------------------------------

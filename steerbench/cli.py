@@ -191,6 +191,7 @@ def bench(args: argparse.Namespace) -> int:
     from steerbench import plots
     from steerbench.benchmark import AnswerActivations, parse_grid, run_bench
     from steerbench.datasets import load_mc, mc_set
+    from steerbench.memory import peak_resident_bytes, ram_budget
     from steerbench.report import write_page
 
     t0 = time.time()
@@ -211,13 +212,16 @@ def bench(args: argparse.Namespace) -> int:
     whole = AnswerActivations(model, every, spec.features, progress=True)
     if not args.no_cache and whole.path().exists():
         heads = whole  # a run on a subset reuses activations cached for the whole file
-    result = run_bench(
-        model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
-        prompt=prompt, grids=grids, select=args.select, batch_size=args.batch_size,
-        heads=heads, template=spec.features,
-        generate=args.generate, max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
-        on_row=lambda row: log_row(out / "rows.jsonl", row), few_label=args.few_label, draws=args.draws,
-    )
+    with ram_budget(args.max_ram_gb):
+        result = run_bench(
+            model, questions, methods=args.methods, n_folds=args.folds, seed=args.seed, val_fraction=args.val_fraction,
+            prompt=prompt, grids=grids, select=args.select, batch_size=args.batch_size,
+            heads=heads, template=spec.features,
+            generate=args.generate, max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
+            on_row=lambda row: log_row(out / "rows.jsonl", row), few_label=args.few_label, draws=args.draws,
+        )
+    result.config["max_ram_gb"] = args.max_ram_gb
+    result.config["peak_rss_gb"] = peak_resident_bytes() / 2**30  # the whole process, model load included
     table = result.summary()
     print()
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -237,7 +241,8 @@ def bench(args: argparse.Namespace) -> int:
     page = write_page(out / "report.html", result.config["title"],
                       [("Test scores by method (each question scored once, in its test fold)", fig),
                        ("Summary", table), ("Per fold", pd_folds)])
-    print(f"[{time.time() - t0:6.1f}s] wrote {out / 'results.json'} and {page}")
+    print(f"[{time.time() - t0:6.1f}s] wrote {out / 'results.json'} and {page}; peak resident memory "
+          f"{result.config['peak_rss_gb']:.2f} GB")
     return 0
 
 
@@ -301,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                         "most this (default: %(default)s; 'inf' chooses on the validation score alone)")
     b.add_argument("--batch-size", type=_int_at_least(1), default=16)
     b.add_argument("--no-cache", action="store_true", help="do not read or write cached head activations")
+    b.add_argument("--max-ram-gb", type=_non_negative, default=None, metavar="GB",
+                   help="resident-memory budget: activation sets past it live in files the OS pages to disk, "
+                        "cached ones are memory-mapped (same results; default: no budget, all in RAM)")
     b.add_argument("--out", default="steerbench-bench", help="folder for results.json, folds.csv and report.html")
     doc = sub.add_parser("doctor", help="versions, device, cache folder, the default model's fingerprint and a "
                                         "smoke check (run it when something looks wrong)")

@@ -55,3 +55,28 @@ def test_bench_on_an_accuracy_set_with_caa_and_sadi(model, tmp_path):
     assert cfg["prompt"] == "copa" and cfg["prompt_template"] == "{question}" and cfg["n_questions"] == 12
     assert "accuracy" in cfg["title"] and "validation" in cfg["title"]
     assert data["folds"][2]["describe"].startswith("SADI-HEAD(K=")
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+def test_bench_under_a_zero_ram_budget_gives_the_in_memory_results(model, tmp_path, monkeypatch):
+    # (collection into file-backed tensors: tests/test_memory.py)
+    import steerbench.benchmark
+
+    monkeypatch.setattr(steerbench.benchmark, "cache_dir", lambda: tmp_path / "cache")  # activation caches
+    monkeypatch.setenv("STEERBENCH_SPILL_DIR", str(tmp_path / "spill"))
+    common = ["bench", "--data", "misconceptions", "--limit", "6", "--prompt", "plain", "--methods", "iti", "caa",
+              "--set", "iti.k=2", "--set", "iti.alpha=5", "--set", "caa.layer=0.5", "--set", "caa.multiplier=1"]
+    runs = {}
+    for name, extra in (("ram", []), ("mapped", ["--max-ram-gb", "0"])):
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert len(list((tmp_path / "cache" / "activations").glob("*.safetensors"))) == 2  # heads and resid
+    assert runs["mapped"]["config"]["collection_s"] == {"z": 0, "resid": 0}  # mapped from those files
+    assert runs["mapped"]["config"]["max_ram_gb"] == 0
+    assert _without_timings(runs["mapped"]["folds"]) == _without_timings(runs["ram"]["folds"])
+    assert _without_timings(runs["mapped"]["summary"]) == _without_timings(runs["ram"]["summary"])
+    assert runs["ram"]["config"]["peak_rss_gb"] > 0.3
+    assert not list((tmp_path / "spill").iterdir())  # every fold's slice was spilled, its file unlinked once mapped

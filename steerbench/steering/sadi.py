@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steerbench.activations import collect
+from steerbench.activations import collect_stacked
 from steerbench.artifacts import check_fingerprint
 from steerbench.blocks import (
     FROM_INSTRUCTION,
@@ -96,8 +96,8 @@ def element_activations(model: Model, texts: Sequence[str], elements: str, batch
         hooks = [f"blocks.{i}.mlp.hook_pre" if _gated(model) else f"blocks.{i}.mlp.hook_post" for i in L]
     else:
         hooks = [f"blocks.{i}.hook_mlp_out" for i in L]
-    acts = collect(model, list(texts), hooks, position="last", batch_size=batch_size, progress=progress)
-    x = torch.stack([acts[h] for h in hooks], dim=1).float()
+    x, _ = collect_stacked(model, list(texts), hooks, position="last", batch_size=batch_size, progress=progress)
+    x = x.float()
     if elements == "head":
         return head_means(x, model.n_heads)
     if elements == "neuron" and _gated(model):
