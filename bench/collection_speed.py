@@ -32,7 +32,8 @@ from steerbench.truthfulqa import mc_items
 
 
 def rate(model, inputs, hooks, batch_size, **kw) -> float:
-    sb.collect(model, inputs[:2], hooks, batch_size=batch_size, progress=False, **kw)  # warm-up
+    warm = {k: (v[:2] if k == "spans" else v) for k, v in kw.items()}
+    sb.collect(model, inputs[:2], hooks, batch_size=batch_size, progress=False, **warm)  # warm-up
     t = time.perf_counter()
     sb.collect(model, inputs, hooks, batch_size=batch_size, progress=False, **kw)
     return len(inputs) / (time.perf_counter() - t)
