@@ -83,12 +83,12 @@ def collect(
         token id lists, or Prompts.
     position: ``"last"`` token, a negative index from the end (``-2`` = one before last),
         ``"mean"`` over the tokens (or over ``spans[i] = (start, end)`` of item i), or
-        ``"all"`` (a list of [len_i, ...] tensors).
+        ``"all"`` (a list of [len_i, ...] tensors; with ``spans``, of each span's tokens).
     steer: collect under steering (Prompts carry where it starts; other inputs are unsteered).
     norms: with ``position="mean"``, also the mean over the same tokens of each token's L2
         norm, under ``f"{hook}#norm"`` ([N]; the norm of the mean is smaller), in the same pass.
     share_prefix: run a prefix all inputs share once, unsteered, when every position read
-        lies after it (``"last"``, an int, or ``"mean"`` over spans that start after it);
+        lies after it (``"last"``, an int, or ``"mean"`` / ``"all"`` over spans that start after it);
         activations then match a full pass to float rounding (~1e-6).
     Returns {hook name: tensor [N, ...]} on the CPU (a list for ``"all"``). Large results
     follow the RAM budget (:func:`steerbench.memory.ram_budget`).
@@ -128,8 +128,8 @@ def _collect(model: Model, inputs: Sequence[Input], hooks: str | Sequence[str], 
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     encoded = [_encode(model, x) for x in inputs]
     if spans is not None:
-        if position != "mean":
-            raise ValueError("spans only apply to position='mean'")
+        if position not in ("mean", "all"):
+            raise ValueError("spans only apply to position='mean' or 'all'")
         if len(spans) != len(encoded):
             raise ValueError(f"got {len(spans)} spans for {len(encoded)} inputs")
         for i, ((s, e), (ids, _)) in enumerate(zip(spans, encoded)):
@@ -192,10 +192,10 @@ def _shared_head(model: Model, encoded, position: Position, spans, steer: Steere
     a result or save too little: a position read inside it, steering, too short a prefix,
     or a sliding window the padded rows would overrun (padding between the prefix and a
     row's tokens would take window slots)."""
-    if steer is not None or len(encoded) < 2 or position == "all" or (position == "mean" and spans is None):
+    if steer is not None or len(encoded) < 2 or (position in ("mean", "all") and spans is None):
         return None
     seqs = [ids for ids, _ in encoded]
-    if position == "mean":
+    if position in ("mean", "all"):
         limit = min(s for s, _ in spans)  # type: ignore[union-attr]
     else:
         limit = min(len(s) for s in seqs) - (1 if position == "last" else -int(position))
@@ -263,7 +263,9 @@ def _store(dest, act, idx, offsets, position, spans, norm_dest=None) -> None:
         return
     if position == "all":
         for row, i in enumerate(idx):
-            dest[i] = act[row, offsets[row]:].to("cpu", copy=True)
+            s, e = (0, None) if spans is None else spans[i]
+            off = offsets[row]
+            dest[i] = act[row, off + s : width if e is None else off + e].to("cpu", copy=True)
         return
     means, norms = [], []
     for row, i in enumerate(idx):  # mean over each row's own tokens (or span)

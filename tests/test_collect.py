@@ -44,13 +44,13 @@ PREFIX = ("Answer each question truthfully and in one sentence. Q: What is the c
 ASKED = ["Why is the sky blue?", "Who wrote Hamlet?", "What do cats eat when they are hungry at night?"]
 
 
-@pytest.mark.parametrize("position", ["last", -2, "mean"])
+@pytest.mark.parametrize("position", ["last", -2, "mean", "all"])
 def test_a_prefix_every_text_shares_runs_once_with_the_same_activations(any_model, position, monkeypatch):
     model = any_model  # each model family in turn
     texts = [PREFIX + q for q in ASKED]
     n_prefix = sb.SharedPrefix.common_length([model.encode(t) for t in texts], 10**6)
     assert n_prefix >= sb.activations.MIN_SHARED_PREFIX
-    spans = [(n_prefix + 1, None)] * len(texts) if position == "mean" else None
+    spans = [(n_prefix + 1, None)] * len(texts) if position in ("mean", "all") else None
     widths: list[int] = []
     monkeypatch.setattr(sb.activations, "_store", lambda dest, act, *a, _s=sb.activations._store, **k: (
         widths.append(act.shape[1]), _s(dest, act, *a, **k)))
@@ -60,9 +60,13 @@ def test_a_prefix_every_text_shares_runs_once_with_the_same_activations(any_mode
     for h in HOOKS:
         for i, text in enumerate(texts):
             full = manual(model, text, h)
-            want = full[spans[i][0]:].mean(0) if position == "mean" else full[-1 if position == "last" else position]
+            if position == "all":
+                want = full[spans[i][0]:]
+            else:
+                want = full[spans[i][0]:].mean(0) if position == "mean" else full[-1 if position == "last" else position]
             assert torch.allclose(shared[h][i], want, atol=1e-4)
-        assert (shared[h] - plain[h]).abs().max() <= 1e-5 * plain[h].abs().max()  # float rounding only
+        x, y = (torch.cat(shared[h]), torch.cat(plain[h])) if position == "all" else (shared[h], plain[h])
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max()  # float rounding only
 
 
 def test_a_position_inside_the_shared_prefix_runs_whole_texts(model):
