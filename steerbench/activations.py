@@ -196,7 +196,7 @@ def _shared_head(model: Model, encoded, position: Position, spans, steer: Steere
         return None
     seqs = [ids for ids, _ in encoded]
     if position in ("mean", "all"):
-        limit = min(s for s, _ in spans)  # type: ignore[union-attr]
+        limit = min(s for s, _ in spans)
     else:
         limit = min(len(s) for s in seqs) - (1 if position == "last" else -int(position))
     window = model.sliding_window
