@@ -24,10 +24,10 @@ import time
 import torch
 
 import steerbench as sb
-from steerbench.benchmark import inner_split, question_folds
-from steerbench.datasets import load_truthfulqa, qa_examples
+from steerbench.benchmark import AnswerActivations, inner_split, question_folds
+from steerbench.datasets import load_truthfulqa
 from steerbench.model import MODEL_HELP
-from steerbench.steering.iti import TEMPLATE, HeadProbes
+from steerbench.steering.iti import HeadProbes
 from steerbench.truthfulqa import mc_scores
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -42,15 +42,10 @@ def main() -> None:
     args = ap.parse_args()
     model = sb.load_model(args.model)
     questions = load_truthfulqa(limit=args.questions)
-    texts, _, _ = qa_examples(questions, TEMPLATE)
-    rows, at = [], 0
-    for q in questions:
-        n = len(q.correct) + len(q.incorrect)
-        rows.append(range(at, at + n))
-        at += n
+    heads = AnswerActivations(model, questions, cache=False, progress=False)
     t0 = time.perf_counter()
-    full = sb.collect_heads(model, texts, progress=False)
-    print(f"{len(questions)} questions, {len(texts)} answers: hook_z of every head collected in "
+    full = heads.all()
+    print(f"{len(questions)} questions, {len(full)} answers: hook_z of every head collected in "
           f"{time.perf_counter() - t0:.0f} s ({full.numel() * 4 / 2**20:.0f} MB in float32); ITI K={args.k}, "
           f"alpha={args.alpha}; prompt instruction+primer; 2-fold CV by question, fit/val split inside the training "
           f"part; nothing chosen on test questions")
@@ -64,8 +59,8 @@ def main() -> None:
     worst = {n: [0.0, 0.0] for n in sets if n != "float32"}
     for f, (train, test) in enumerate(question_folds(len(questions))):
         fit, val = inner_split(train)
-        idx = torch.tensor([i for j in fit + val for i in rows[j]])
         fit_q, val_q = [questions[i] for i in fit], [questions[i] for i in val]
+        idx = heads.rows(fit_q + val_q)
         probes = {n: HeadProbes.fit(model, fit_q, val_q, acts=x[idx]) for n, x in sets.items()}
         steers = {n: p.select(args.k, args.alpha) for n, p in probes.items()}
         scores = dict(zip(steers, mc_scores(model, [questions[i] for i in test], list(steers.values()))))

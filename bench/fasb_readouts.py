@@ -90,8 +90,7 @@ def main() -> None:
     t_all = time.perf_counter()
     model = sb.load_model(args.model)
     questions = load_truthfulqa(limit=args.questions)
-    _, labels, groups = qa_examples(questions)
-    labels, groups = np.asarray(labels), np.asarray(groups)
+    labels = np.asarray(qa_examples(questions)[1])
     heads_set = AnswerActivations(model, questions, progress=True)
     folds = []
     for train, test in question_folds(len(questions)):
@@ -112,10 +111,9 @@ def main() -> None:
     print(f"{len(questions)} questions, {len(seqs)} answers, {n_tok} answer tokens; hook_z of {len(layers)} layers at "
           f"every answer token (instruction+primer prompt, prefix shared) in {collect_s:.0f} s; K={args.k}; "
           f"2-fold CV by question, fit/val inside the training part; thresholds chosen on validation answers only")
-    answer_rows = {g: np.nonzero(groups == g)[0] for g in range(len(questions))}
     table = []
     for f, (fit, val, test, iti) in enumerate(folds):
-        rows = {name: np.concatenate([answer_rows[g] for g in part]) for name, part in
+        rows = {name: heads_set.rows([questions[i] for i in part]).numpy() for name, part in
                 (("fit", fit), ("val", val), ("test", test))}
         tok = {name: tokens_of(acts, iti.heads, r) for name, r in rows.items()}
         zf, rf, pf = tok["fit"]

@@ -179,12 +179,16 @@ class AnswerActivations:
             warnings.warn(f"activation cache {p} is unusable ({err}); collecting again", stacklevel=3)
             return None
 
-    def of(self, questions: Sequence[MCQuestion]) -> torch.Tensor:
-        """Rows of ``questions`` in ``qa_examples`` order: [N_answers, n_layers, ...]."""
+    def rows(self, questions: Sequence[MCQuestion]) -> torch.Tensor:
+        """Indices into ``all()`` of the answers of ``questions``, in ``qa_examples`` order."""
         missing = [q.question for q in questions if q not in self._rows]
         if missing:
             raise KeyError(f"no activations for question {missing[0]!r}")
-        rows = torch.tensor([i for q in questions for i in self._rows[q]])
+        return torch.tensor([i for q in questions for i in self._rows[q]], dtype=torch.long)
+
+    def of(self, questions: Sequence[MCQuestion]) -> torch.Tensor:
+        """Rows of ``questions`` in ``qa_examples`` order: [N_answers, n_layers, ...]."""
+        rows = self.rows(questions)
         acts = self.all()
         out = result_tensor((len(rows), *acts.shape[1:]), acts.dtype)  # within the RAM budget
         return torch.index_select(acts, 0, rows, out=out)
