@@ -100,9 +100,9 @@ def result_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def is_file_backed(t: torch.Tensor) -> bool:
-    """Whether ``t``'s storage is a file mapping (``result_tensor`` past the budget, or
-    ``map_safetensors``) rather than RAM of its own."""
-    return bool(getattr(t, "_steerbench_mapped", False)) or not t.untyped_storage().resizable()
+    """Whether ``t``'s storage is not torch's own allocation: here, a file mapping
+    (``result_tensor`` past the budget, ``map_safetensors``)."""
+    return not t.untyped_storage().resizable()
 
 
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -127,8 +127,5 @@ def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
         if end == begin:
             out[name] = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, np_dtype)).dtype)
             continue
-        arr = np.memmap(p, dtype=np_dtype, mode="c", offset=8 + n + begin, shape=shape)
-        t = torch.from_numpy(arr)
-        t._steerbench_mapped = True  # type: ignore[attr-defined]
-        out[name] = t
+        out[name] = torch.from_numpy(np.memmap(p, dtype=np_dtype, mode="c", offset=8 + n + begin, shape=shape))
     return out

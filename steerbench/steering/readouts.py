@@ -45,6 +45,15 @@ def _logistic(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float
     return clf.coef_[0], float(clf.intercept_[0])
 
 
+def _bucket_rows(b: torch.Tensor):
+    """(bucket, indices of its tokens) for every bucket; refuses an empty one."""
+    for bk in range(len(BUCKETS)):
+        rows = (b == bk).nonzero().flatten()
+        if len(rows) == 0:
+            raise ValueError(f"no answer token falls in bucket {bk} (positions from {BUCKETS[bk]})")
+        yield bk, rows
+
+
 def _check(z: torch.Tensor, labels, pos, k: int) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     y = np.asarray(labels, dtype=np.int64)
     pos = torch.as_tensor(pos)
@@ -79,10 +88,7 @@ class PrefixReadout:
         B, K, d = len(BUCKETS), x.shape[1], x.shape[2]
         weight, bias = torch.zeros(B, K, d, dtype=torch.float64), torch.zeros(B, K, dtype=torch.float64)
         mean, std = torch.zeros(B, K, d, dtype=torch.float64), torch.ones(B, K, d, dtype=torch.float64)
-        for bk in range(B):
-            rows = (b == bk).nonzero().flatten()
-            if len(rows) == 0:
-                raise ValueError(f"no answer token falls in bucket {bk} (positions from {BUCKETS[bk]})")
+        for bk, rows in _bucket_rows(b):
             xb = x[rows]
             mean[bk], std[bk] = xb.mean(0), xb.std(0).clamp(min=1e-6)
             for h in range(K):
@@ -117,10 +123,7 @@ class CalibratedReadout:
         x, y, b = _check(z, labels, pos, base.k)
         logit = torch.logit(base.p_true(x), eps=1e-6)
         scale, shift = torch.ones(len(BUCKETS), dtype=torch.float64), torch.zeros(len(BUCKETS), dtype=torch.float64)
-        for bk in range(len(BUCKETS)):
-            rows = (b == bk).nonzero().flatten()
-            if len(rows) == 0:
-                raise ValueError(f"no answer token falls in bucket {bk} (positions from {BUCKETS[bk]})")
+        for bk, rows in _bucket_rows(b):
             w, c = _logistic(logit[rows].numpy()[:, None], y[rows.numpy()], C)
             scale[bk], shift[bk] = float(w[0]), c
         return cls(base, scale, shift)
