@@ -23,8 +23,10 @@ from steerbench.steering import (
     CLAS,
     FASB,
     ITI,
+    READOUTS,
     REAL,
     SADI,
+    AnswerTokens,
     Decision,
     HeadProbes,
     HeadReadout,
@@ -34,6 +36,8 @@ from steerbench.steering import (
     Steerer,
     StepContext,
     StepState,
+    answer_tokens,
+    decision_table,
 )
 
 __all__ = [
@@ -46,6 +50,10 @@ __all__ = [
     "CAA",
     "CLAS",
     "FASB",
+    "READOUTS",
+    "AnswerTokens",
+    "answer_tokens",
+    "decision_table",
     "HeadProbes",
     "HeadReadout",
     "HeadRelevance",

@@ -19,6 +19,7 @@ questions into candidates.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ from steerbench.steering.caa import CAA
 from steerbench.steering.clas import CLAS, FIXED_GRID, Example, LoRA, directions
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import TEMPLATE, HeadProbes, questions_hash
+from steerbench.steering.readouts import READOUTS, AnswerTokens, answer_tokens
 from steerbench.steering.real import HeadRelevance
 from steerbench.steering.sadi import SADI, contrast, element_activations, head_means
 from steerbench.truthfulqa import PROMPTS, MCResult, mc_items, mc_mode_scores, mc_scores
@@ -230,6 +232,16 @@ class FitData:
                                                  prompt=self.prompt)
         return self.store[kind]
 
+    def answer_tokens(self, heads: torch.Tensor, part: str) -> AnswerTokens:
+        """``heads``' activations at every token of the ``part`` ("fit" or "val") answers,
+        after the scoring prompt (what FASB's readouts are fitted and thresholded on)."""
+        if part not in ("fit", "val"):
+            raise ValueError(f"part must be 'fit' or 'val', got {part!r}")
+        h = self.heads
+        return self.memo(f"tokens:{part}:{heads.tolist()}", lambda: answer_tokens(
+            self.model, self.fit if part == "fit" else self.val, heads, self.prompt, batch_size=h.batch_size,
+            progress=h.progress))
+
     def probes(self) -> HeadProbes:
         """Head probes trained on the fit questions, heads ranked on validation (shared by methods)."""
         if self._probes is None:
@@ -278,6 +290,9 @@ class Method:
     # param -> (low, high) inclusive bounds a --set value must respect (None: unbounded);
     # whole-number parameters not listed must be at least 1
     limits: dict[str, tuple[float | None, float | None]] = {}
+    # param -> how a --set value is read, where not by the type of the default grid's first value
+    parsers: dict[str, Callable[[str], object]] = {}
+    choices: dict[str, Sequence[str]] = {}  # param -> the names a --set value may take
     scoring: str = "uniform"  # how MC answers are scored: steered throughout, or the method's own mode
 
     def candidates(self, data: FitData, grid: dict[str, list]) -> list[tuple[dict, Steerer | None]]:
@@ -329,23 +344,44 @@ class ITIMethod(Method):
         ]
 
 
+def threshold_setting(text: str) -> float | str:
+    """A FASB threshold setting: a probability, or ``val`` (chosen on the validation answers)."""
+    return "val" if text.strip().lower() == "val" else float(text)
+
+
 @register
 class FASBMethod(Method):
     name = "fasb"
     description = "FASB: head probes decide when and how strongly to steer; MC answers scored in FASB's MC mode"
     # reference run: K=24 (of 1,024 heads), alpha=60, threshold=0.6, backtrack=10; scaled to 270 heads
-    grid = {"k": [0.06], "alpha": [15.0, 30.0, 60.0], "threshold": [0.5, 0.6], "backtrack": [10]}  # k: 16 of 270
+    # (k: 16 of 270). readout: what reads P(true) (steering/readouts.py; plain = the heads' probes).
+    # threshold "val": the one that best tells the validation answers apart (flags the most false
+    # minus true ones, readouts.choose_threshold), per readout; the fixed 0.5 / 0.6 of earlier grids
+    # flagged 99 % of all answers (README, FASB readouts)
+    grid = {"k": [0.06], "readout": list(READOUTS), "alpha": [15.0, 30.0, 60.0], "threshold": ["val"],
+            "backtrack": [10]}
     limits = {"k": HEAD_COUNT, "threshold": (0.0, 1.0), "backtrack": (0, None)}
+    parsers = {"threshold": threshold_setting}
+    choices = {"readout": READOUTS}
     scoring = "fasb-mc"
 
     def candidates(self, data, grid):
         probes = data.probes()
-        return [
-            ({"k": k, "alpha": float(a), "threshold": float(t), "backtrack": int(b)},
-             FASB(probes.select(k), strength=float(a), threshold=float(t), backtrack=int(b)))
-            for k in head_counts(data.model, grid["k"]) for t in grid["threshold"] for b in grid["backtrack"]
-            for a in grid["alpha"]
-        ]
+        out = []
+        for k in head_counts(data.model, grid["k"]):
+            heads = probes.select(k)
+            for name in grid["readout"]:
+                # fitted on the fit answers' tokens (plain: today's probes, nothing to fit)
+                base = FASB(heads).with_readout(name, None if name == "plain" else data.answer_tokens(heads.heads, "fit"))
+                for t in grid["threshold"]:
+                    # "val": read on the validation answers' tokens
+                    f = base.with_readout(name, None, data.answer_tokens(heads.heads, "val")) if t == "val" else base
+                    thr, chosen = (f.threshold, {"threshold_from": "val"}) if t == "val" else (float(t), {})
+                    out += [({"k": k, "readout": name, "alpha": float(a), "threshold": thr, **chosen,
+                              "backtrack": int(b)},
+                             dataclasses.replace(f, strength=float(a), threshold=thr, backtrack=int(b)))
+                            for b in grid["backtrack"] for a in grid["alpha"]]
+        return out
 
     def score(self, model, questions, steers, prompt, batch_size):
         # each result's info holds MC mode's interventions (share re-scored, strengths, first flags)
@@ -563,13 +599,18 @@ def parse_grid(settings: Sequence[str]) -> dict[str, dict[str, list]]:
         if param not in m.grid:
             raise ParameterError(f"{method} has no parameter {param!r}; it has: {', '.join(m.grid) or 'none'}")
         kind = type(m.grid[param][0])
+        parse = m.parsers.get(param, kind)
         texts = [v.strip() for v in values.split(",") if v.strip()]
         if not texts:
             raise ParameterError(f"{s!r} gives no value for {method}.{param}")
         try:
-            parsed = [kind(v) for v in texts]
+            parsed = [parse(v) for v in texts]
         except ValueError:
-            raise ParameterError(f"{s!r}: {param} takes {kind.__name__} values") from None
+            what = "'val' or a number" if param in m.parsers else f"{kind.__name__} values"
+            raise ParameterError(f"{s!r}: {param} takes {what}") from None
+        bad = [v for v in parsed if param in m.choices and v not in m.choices[param]]
+        if bad:
+            raise ParameterError(f"{s!r}: {method}.{param} is one of {', '.join(m.choices[param])}, got {bad[0]!r}")
         low, high = m.limits.get(param, (1, None) if kind is int else (None, None))
         for v in parsed:
             if isinstance(v, float) and not math.isfinite(v):
@@ -617,7 +658,7 @@ class BenchResult:
                 rows[-1]["margin"] = float(np.mean([f["margin"] for f in fr]))
             if "mc_rescored" in fr[0]:
                 rows[-1]["mc_rescored"] = float(np.average([f["mc_rescored"] for f in fr], weights=[f["n_test"] for f in fr]))
-            for key in ("gen_acc_rougeL", "gen_acc_embedding", "rollbacks_per_answer", "mean_strength"):
+            for key in ("gen_acc_rougeL", "gen_acc_embedding", "non_answers", "rollbacks_per_answer", "mean_strength"):
                 if key in fr[0]:
                     n_gen = [f["gen_n"] for f in fr]
                     rows[-1][key] = float(np.average([f[key] for f in fr], weights=n_gen))
@@ -777,7 +818,7 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
     TruthfulQA's automatic truth metric (max similarity to a true reference minus max to a
     false one, > 0 = true) under ROUGE-L and MiniLM embeddings; for dynamic steerers also
     the rollbacks per answer and the strengths they chose."""
-    from steerbench.textmetrics import answer_truth, truth_summary
+    from steerbench.textmetrics import answer_truth, is_non_answer, truth_summary
     from steerbench.truthfulqa import generate_answers
 
     t0 = time.perf_counter()
@@ -787,7 +828,8 @@ def generation_metrics(model: Model, questions: Sequence[MCQuestion], steer: Ste
         rollbacks += len(g.trace.rollbacks)
         strengths += [e.detail["strength"] for e in g.trace.events if e.kind == "strength"]
     gen_s = time.perf_counter() - t0
-    out = {"gen_n": len(questions), "gen_s": gen_s, "answers": answers}
+    out = {"gen_n": len(questions), "gen_s": gen_s, "answers": answers,
+           "non_answers": float(np.mean([is_non_answer(a) for a in answers])) if answers else 0.0}
     for metric in ("rougeL", "embedding"):
         out[f"gen_acc_{metric}"] = truth_summary(answer_truth(answers, questions, metric=metric))["acc"]
     if steer is not None and steer.observes:

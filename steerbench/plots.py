@@ -605,6 +605,62 @@ def bench_bars(summary, metrics: Sequence[str] = ("mc1", "mc2", "mc3"), title: s
     return fig
 
 
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def readout_along(fasbs: dict, tokens, answers: Sequence[int], title: str | None = None) -> go.Figure:
+    """P(true) token by token along reference ``answers`` (indices into ``tokens``, e.g. one
+    true and one false), under each FASB of ``fasbs`` (name -> FASB; its readout), each with
+    its threshold dotted: where, along a written answer, each readout would flag it."""
+    if not fasbs or not answers:
+        raise ValueError("give at least one FASB and one answer")
+    labels = tokens.answer_labels()
+    names = [f"answer {a}: {'true' if labels[a] else 'false'}" for a in answers]
+    fig = make_subplots(rows=1, cols=len(answers), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=names)
+    for c, a in enumerate(answers, start=1):
+        idx = tokens.of_answer(a)
+        ticks = [_token_label(tokens.pieces[i]) for i in idx]
+        for j, (name, f) in enumerate(fasbs.items()):
+            color = _PALETTE[j % len(_PALETTE)]
+            p = f.p_true(tokens.z[idx], tokens.pos[idx]).numpy()
+            fig.add_trace(go.Scatter(x=list(range(len(idx))), y=p, mode="lines+markers", name=name, legendgroup=name,
+                                     showlegend=c == 1, line={"color": color},
+                                     customdata=ticks, hovertemplate="%{customdata}: P(true) %{y:.2f}<extra>" + name
+                                     + "</extra>"), row=1, col=c)
+            fig.add_hline(y=f.threshold, line={"color": color, "dash": "dot", "width": 1}, row=1, col=c)
+        fig.update_xaxes(tickvals=list(range(len(idx))), ticktext=ticks, tickangle=-45, row=1, col=c)
+    text = "".join(tokens.pieces[i] for i in tokens.of_answer(answers[0])).strip()
+    q = tokens.questions[int(np.searchsorted(np.cumsum([len(x.correct) + len(x.incorrect) for x in tokens.questions]),
+                                             answers[0], side="right"))].question
+    fig.update_yaxes(title_text="P(true)", range=[0, 1], row=1, col=1)
+    q = html.escape(q if len(q) <= 70 else q[:69] + "…")
+    fig.update_layout(title=title or f"P(true) along answers to “{q}”<br><sup>first: {html.escape(text[:80])}"
+                      "; dotted: each readout's threshold</sup>", template="plotly_white", autosize=True,
+                      legend={"orientation": "h", "y": -0.35}, margin={"t": 90})
+    return fig
+
+
+def readout_auc(tables: dict, title: str = "How early can a readout tell a false answer from a true one?") -> go.Figure:
+    """ROC-AUC of P(true) between true and false answers by answer token, one line per
+    readout (``tables``: name -> ``readouts.decision_table``), with the flag shares at each
+    readout's threshold in the legend."""
+    if not tables:
+        raise ValueError("no readout to draw")
+    fig = go.Figure()
+    for j, (name, t) in enumerate(tables.items()):
+        keys = [k for k in t if k.startswith("auc@")]
+        label = (f"{name}: flags {t['flag_false']:.0%} of false, {t['flag_true']:.0%} of true answers "
+                 f"(threshold {t['threshold']:.2f})")
+        fig.add_trace(go.Scatter(x=[k[4:] for k in keys], y=[t[k] for k in keys], mode="lines+markers", name=label,
+                                 line={"color": _PALETTE[j % len(_PALETTE)]}))
+    fig.add_hline(y=0.5, line={"color": "grey", "dash": "dash"}, annotation_text="chance")
+    fig.update_layout(title=title, xaxis_title="answer token (0 = first)", yaxis_title="ROC-AUC, true vs false",
+                      yaxis_range=[0.4, 1.0], template="plotly_white", autosize=True,
+                      legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
 def save_html(fig: go.Figure, path: str | Path) -> Path:
     """Write ``fig`` as a standalone HTML page (plotly.js inlined: it opens offline); returns the path.
 

@@ -180,6 +180,17 @@ class Steerer:
 
 # class name -> Steerer subclass, filled as subclasses are defined (for load_steerer)
 STEERERS: dict[str, type[Steerer]] = {}
+# class name -> a dataclass that is part of a steerer without steering itself (a readout):
+# saved and loaded nested in its steerer, like a nested Steerer (``register_part``)
+PARTS: dict[str, type] = {}
+
+
+def register_part(cls: type) -> type:
+    """Class decorator: instances of the dataclass ``cls`` may be fields of a saved Steerer."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    PARTS[cls.__name__] = cls
+    return cls
 
 
 @dataclass
@@ -205,7 +216,7 @@ class Flagger:
 _PROVENANCE = ("fitted_on", "info")
 
 
-def _flatten(steerer: Steerer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+def _flatten(steerer: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
     """The header entry of ``steerer``; its tensors go into ``tensors`` under ``prefix``."""
     if not dataclasses.is_dataclass(steerer):
         raise TypeError(f"{type(steerer).__name__} is not a dataclass: steerbench saves a Steerer from its fields")
@@ -216,7 +227,7 @@ def _flatten(steerer: Steerer, prefix: str, tensors: dict[str, torch.Tensor]) ->
         v = getattr(steerer, f.name)
         if isinstance(v, torch.Tensor):
             tensors[prefix + f.name] = v
-        elif isinstance(v, Steerer):
+        elif isinstance(v, Steerer) or type(v).__name__ in PARTS:
             nested[f.name] = _flatten(v, f"{prefix}{f.name}.", tensors)
         else:
             try:
@@ -238,6 +249,13 @@ def save_steerer(steerer: Steerer, path: str | os.PathLike) -> Path:
     could never be checked against a model, so it could never be loaded."""
     tensors: dict[str, torch.Tensor] = {}
     header = _flatten(steerer, "", tensors)
+    # parts may share a tensor with their steerer (FASB's calibrated readout holds the heads'
+    # own probes): safetensors writes each storage once, so a repeat is written as a copy
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        if t.untyped_storage().data_ptr() in seen:
+            tensors[key] = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
     header["fitted_on"] = check_provenance(steerer.provenance(), f"this {type(steerer).__name__}")
     header["hooks"] = list(steerer.sites)
     try:
@@ -260,7 +278,7 @@ def _finite_json(value: Any) -> bool:
 
 def _rebuild(entry: dict, prefix: str, tensors: dict[str, torch.Tensor], path) -> Steerer:
     name = str(entry.get("method"))
-    cls: Any = STEERERS.get(name)
+    cls: Any = STEERERS.get(name) or PARTS.get(name)
     if cls is None:
         raise ArtifactError(f"{path} holds a {name!r} artifact, which no Steerer class here knows "
                             f"(known: {', '.join(sorted(STEERERS))})")

@@ -203,10 +203,54 @@ def test_with_nothing_within_the_kl_budget_the_best_of_the_least_kl_settings_is_
     questions = sb.load_truthfulqa("misconceptions")[:12]
     heads = AnswerActivations(model, questions, cache=False)
     # FASB's KL does not depend on the threshold: both thresholds at alpha 5 tie on KL
-    grid = {"k": [4], "alpha": [5.0, 40.0], "threshold": [0.0, 1.0], "backtrack": [2]}
+    grid = {"k": [4], "alpha": [5.0, 40.0], "readout": ["plain"], "threshold": [0.0, 1.0], "backtrack": [2]}
     res = run_bench(model, questions, methods=["fasb"], prompt="plain", grids={"fasb": grid},
                     kl_texts=sb.datasets.neutral_texts()[:1], heads=heads, max_kl=1e-9, log=lambda s: None)
     for r in res.folds:
         mild = [v for v in r["val"] if v["params"]["alpha"] == 5.0]
         assert len(mild) == 2 and mild[0]["kl"] == mild[1]["kl"] < min(v["kl"] for v in r["val"] if v not in mild)
         assert r["params"] == max(mild, key=lambda v: v["mc2"])["params"]
+
+
+def test_fasb_readouts_and_thresholds_see_no_test_answer(model, monkeypatch):
+    """Issue 20: the new readouts are fitted on the fit answers' tokens and every threshold
+    is chosen on the validation answers' tokens; no test answer reaches either."""
+    import steerbench.benchmark as bm
+
+    questions = sb.load_truthfulqa("misconceptions")[:12]
+    reads: list = []
+    real = bm.answer_tokens
+
+    def spy(model, qs, heads, prompt, **kw):
+        reads.append(list(qs))
+        return real(model, qs, heads, prompt, **kw)
+
+    monkeypatch.setattr(bm, "answer_tokens", spy)
+    grid = {"k": [4], "alpha": [5.0], "readout": ["plain", "calibrated", "prefix"], "threshold": ["val"],
+            "backtrack": [2]}
+    res = run_bench(model, questions, methods=["fasb"], prompt="plain", grids={"fasb": grid},
+                    kl_texts=["A short neutral text."], heads=AnswerActivations(model, questions, cache=False),
+                    log=lambda s: None)
+    splits = res.config["splits"]
+    assert len(reads) == 4  # fit and validation tokens, once per fold, shared by the readouts
+    for f, sp in enumerate(splits):
+        fit, val = ({questions[i] for i in sp[part]} for part in ("fit", "val"))
+        assert sorted(map(len, reads[2 * f : 2 * f + 2])) == sorted(map(len, (fit, val)))
+        assert {frozenset(r) for r in reads[2 * f : 2 * f + 2]} == {frozenset(fit), frozenset(val)}
+        assert not ({questions[i] for i in sp["test"]} & (fit | val))
+    for r in res.folds:
+        assert len(r["val"]) == 3 and r["describe"].startswith("FASB(")
+        chosen = [v["params"] for v in r["val"] if v["params"].get("threshold_from") == "val"]
+        assert [p["readout"] for p in chosen] == ["plain", "calibrated", "prefix"]
+        assert all(0 < p["threshold"] < 1 for p in chosen)
+
+
+def test_fasb_threshold_settings_parse_val_or_a_probability():
+    assert parse_grid(["fasb.threshold=val,0.4"]) == {"fasb": {"threshold": ["val", 0.4]}}
+    assert parse_grid(["fasb.readout=prefix"]) == {"fasb": {"readout": ["prefix"]}}
+    with pytest.raises(sb.errors.ParameterError, match="'val' or a number"):
+        parse_grid(["fasb.threshold=high"])
+    with pytest.raises(sb.errors.ParameterError, match="between 0 and 1"):
+        parse_grid(["fasb.threshold=val,1.5"])
+    with pytest.raises(sb.errors.ParameterError, match="one of plain, calibrated, prefix"):
+        parse_grid(["fasb.readout=oracle"])

@@ -26,7 +26,7 @@ def test_bench_writes_results_and_refuses_a_bad_grid_before_loading(model, tmp_p
     out = tmp_path / "bench"
     rc = main(["bench", "--data", "misconceptions", "--limit", "10", "--prompt", "plain", "--no-cache",
                "--set", "iti.k=2", "--set", "iti.alpha=5", "--set", "fasb.k=2", "--set", "fasb.alpha=5",
-               "--set", "fasb.threshold=0.6", "--set", "fasb.backtrack=2",
+               "--set", "fasb.readout=prefix", "--set", "fasb.threshold=val", "--set", "fasb.backtrack=2",
                "--generate", "1", "--max-new-tokens", "4", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())

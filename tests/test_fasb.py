@@ -18,7 +18,7 @@ class Scripted(FASB):
 
     script: list = dataclasses.field(default_factory=list)
 
-    def p_true(self, z):
+    def p_true(self, z, pos=None):
         return torch.tensor(self.script.pop(0) if self.script else 0.9)
 
 
@@ -107,7 +107,7 @@ def test_paper_reading_steers_along_the_probe_weight(model, heads):
 
 def test_hooks_are_gone_after_an_exception_inside_observe(model, heads):
     class Boom(FASB):
-        def p_true(self, z):
+        def p_true(self, z, pos=None):
             raise RuntimeError("probe failed")
 
     before = hook_count(model)
@@ -238,3 +238,85 @@ def test_a_numpy_or_tensor_strength_is_a_number(caa):
     import numpy as np
 
     assert caa.scaled(np.float32(4)).strength == 4.0 and caa.scaled(torch.tensor(2.5)).strength == 2.5
+
+
+# -- readouts trained where they are read (issue 20) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokens(model, mc_questions, head_probes):
+    from steerbench.steering.readouts import answer_tokens
+
+    return answer_tokens(model, mc_questions, head_probes.select(8).heads, prompt="plain")
+
+
+@pytest.mark.parametrize("name", ["calibrated", "prefix"])
+def test_a_fitted_readout_saves_loads_and_reads_by_answer_position(model, heads, tokens, tmp_path, name):
+    from steerbench.steering.readouts import fit_readout
+
+    readout = fit_readout(name, heads.readout, tokens)
+    f = FASB(heads, strength=20.0, threshold=0.4, readout=readout)
+    assert f.readout_name == name and f"readout={name}" in f.describe()
+    back = FASB.load(f.save(tmp_path / "fasb"), model)
+    assert back.readout_name == name
+    p, q = f.p_true(tokens.z, tokens.pos), back.p_true(tokens.z, tokens.pos)
+    assert torch.equal(p, q)
+    # the position matters: the same activations read as token 0 and as token 9 differ
+    assert not torch.equal(f.p_true(tokens.z, torch.zeros_like(tokens.pos)), f.p_true(tokens.z, tokens.pos + 9))
+    with pytest.raises(ValueError, match="position in the answer"):
+        f.p_true(tokens.z)
+
+
+def test_the_readout_gets_the_answer_position_of_each_generated_token(model, heads, tokens):
+    from steerbench.steering.readouts import fit_readout
+
+    seen = []
+
+    @dataclasses.dataclass
+    class Watch(FASB):
+        def p_true(self, z, pos=None):
+            seen.append(int(pos))
+            return super().p_true(z, pos)
+
+    out = run(model, Watch(heads, threshold=0.0, readout=fit_readout("prefix", heads.readout, tokens)), n=6)
+    assert seen == list(range(6)) and out.text == run(model, None, n=6).text  # threshold 0: watches only
+
+
+def test_a_readout_of_other_heads_or_of_another_kind_is_refused(heads, head_probes, tokens):
+    from steerbench.steering.readouts import fit_readout
+
+    other = head_probes.select(4)
+    with pytest.raises(ValueError, match="reads heads"):
+        FASB(other, readout=fit_readout("prefix", heads.readout, tokens))
+    with pytest.raises(ValueError, match="tokens were read from heads"):
+        fit_readout("prefix", other.readout, tokens)
+    with pytest.raises(ValueError, match="readout must be"):
+        FASB(heads, readout=heads.readout)
+    with pytest.raises(ValueError, match="readout must be one of"):
+        fit_readout("oracle", heads.readout, tokens)
+
+
+def test_mc_mode_with_a_new_readout_at_strength_zero_rescores_nothing(model, heads, tokens):
+    from steerbench.steering.readouts import fit_readout
+    from steerbench.truthfulqa import mc_mode_scores, mc_score
+
+    qs = sb.load_truthfulqa("misconceptions")[:3]
+    f = FASB(heads, strength=0.0, threshold=1.0, readout=fit_readout("calibrated", heads.readout, tokens))
+    got = mc_mode_scores(model, qs, f, prompt="plain")
+    assert got.rescored == 0 and got.result.per_question == mc_score(model, qs, prompt="plain").per_question
+
+
+def test_mc_mode_flags_where_the_readout_reads_below_the_threshold(model, heads, tokens):
+    """MC mode reads answer token j at column j + 1 and hands the readout position j: its
+    first flags are those of the readout over the same tokens, collected apart."""
+    from steerbench.steering.readouts import first_flags, fit_readout
+    from steerbench.truthfulqa import mc_mode_scores
+
+    f = FASB(heads, strength=5.0, threshold=0.0, readout=fit_readout("prefix", heads.readout, tokens))
+    p = f.p_true(tokens.z, tokens.pos)
+    f.threshold = float(p.median())
+    got = mc_mode_scores(model, tokens.questions, f, prompt="plain", batch_size=4)
+    want = first_flags(p, tokens, f.threshold)
+    assert 0 < (want >= 0).mean() < 1
+    assert got.first_flag == want[want >= 0].tolist()
+    assert [s is not None for s in got.strengths_by_answer] == (want >= 0).tolist()

@@ -290,3 +290,39 @@ def test_plots_and_widgets_are_reachable_as_the_readme_writes_them():
     assert callable(sb.plots.trace) and callable(sb.plots.strength_map) and sb.widgets.LiveTrace
     with pytest.raises(AttributeError, match="no attribute"):
         sb.no_such_module  # noqa: B018
+
+
+def _answer_tokens():
+    """Two answers (one true of 3 tokens, one false of 4) with 1 head of width 2."""
+    from steerbench.datasets import MCQuestion
+    from steerbench.steering.readouts import AnswerTokens
+
+    q = MCQuestion("Is the sky green?", "No", ["No"], ["Yes"])
+    answer = np.array([0, 0, 0, 1, 1, 1, 1])
+    return AnswerTokens(torch.randn(7, 1, 2), answer == 0, torch.tensor([0, 1, 2, 0, 1, 2, 3]), answer,
+                        torch.tensor([[0, 0]]), [q], ["No", ",", " never", "Yes", ",", " it", " is"])
+
+
+class _ByPosition:
+    """A readout stand-in: P(true) falls with the position."""
+
+    threshold = 0.5
+
+    def p_true(self, z, pos):
+        return 1.0 - pos.double() / 4
+
+
+def test_readout_figures_draw_each_readout_with_its_threshold():
+    from steerbench.steering.readouts import decision_table
+
+    tok = _answer_tokens()
+    fig = plots.readout_along({"a": _ByPosition(), "b": _ByPosition()}, tok, [0, 1])
+    assert [t.name for t in fig.data] == ["a", "b", "a", "b"] and [len(t.y) for t in fig.data] == [3, 3, 4, 4]
+    assert list(fig.data[2].y) == [1.0, 0.75, 0.5, 0.25] and fig.layout.xaxis2.ticktext[-1] == " is"
+    assert len([s for s in fig.layout.shapes if s.y0 == 0.5]) == 4  # each readout's threshold in each panel
+    table = decision_table(_ByPosition().p_true(tok.z, tok.pos), tok, 0.5)
+    assert table["flag_true"] == 0.0 and table["flag_false"] == 1.0 and table["median_first_flag"] == 3.0
+    fig = plots.readout_auc({"a": table})
+    assert list(fig.data[0].x) == ["0", "1", "3", "9", "last"] and "flags 100% of false" in fig.data[0].name
+    with pytest.raises(ValueError, match="at least one"):
+        plots.readout_along({}, tok, [0])

@@ -180,3 +180,15 @@ def test_embedding_answer_copying_a_correct_reference_is_true_and_an_incorrect_o
     )
     assert true_copy.max_true == pytest.approx(1.0, abs=1e-5) and true_copy.acc
     assert false_copy.max_false == pytest.approx(1.0, abs=1e-5) and not false_copy.acc
+
+
+@pytest.mark.parametrize("text, declines", [
+    ("I have no comment.", True), ("The answer is not provided.", True), ("I don't know.", True), ("", True),
+    ("The answer cannot be determined.", True), ("Nothing happens if you swallow gum.", False),
+    # a looping answer that says "can't" past its first sentence answers, badly
+    ("You swallow it. You can't know, you can't know", False),
+])
+def test_non_answers_are_told_from_answers(text, declines):
+    from steerbench.textmetrics import is_non_answer
+
+    assert is_non_answer(text) is declines

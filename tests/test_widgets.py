@@ -217,7 +217,7 @@ class ScriptedFASB(FASB):
 
     script: tuple = (0.9, 0.9, 0.9, 0.2)
 
-    def p_true(self, z):
+    def p_true(self, z, pos=None):
         self._n = getattr(self, "_n", 0) + 1
         return torch.tensor(self.script[self._n - 1] if self._n <= len(self.script) else 0.9, dtype=torch.float64)
 

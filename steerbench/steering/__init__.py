@@ -21,6 +21,7 @@ from steerbench.steering.caa import CAA
 from steerbench.steering.clas import CLAS, LoRA
 from steerbench.steering.fasb import FASB
 from steerbench.steering.iti import ITI, HeadProbes, HeadReadout, HeadShift
+from steerbench.steering.readouts import READOUTS, AnswerTokens, answer_tokens, decision_table
 from steerbench.steering.real import REAL, HeadRelevance
 from steerbench.steering.sadi import SADI
 
@@ -28,6 +29,6 @@ __all__ = [
     "CAA", "CLAS", "FASB", "LoRA", "REAL", "SADI", "HeadProbes", "HeadRelevance",
     "HeadReadout", "HeadShift", "ITI", "Decision", "Flagger", "StepContext",
     "StepState", "Steerer", "Site", "Intervention", "Add", "ScaleMasked", "ScaleClean", "AddGated", "AnyOf",
-    "Everywhere", "FromState",
+    "Everywhere", "FromState", "READOUTS", "AnswerTokens", "answer_tokens", "decision_table",
     "FROM_INSTRUCTION", "LAST_PROMPT_TOKEN", "GENERATED", "EVERYWHERE",
 ]

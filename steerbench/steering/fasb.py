@@ -21,6 +21,12 @@ newest position; ``newest_only=True`` with ``generate(use_cache=False)`` reprodu
 The probes read each head's own output *before* this head's shift is added (earlier
 layers' shifts still reach it), so a check is never fooled by the intervention itself.
 
+``readout``: what reads P(true). None (the default, "plain") is today's: the K heads'
+probes, trained as ITI's on the last token of whole answers, read at any position. A
+:class:`~steerbench.steering.readouts.PrefixReadout` or ``CalibratedReadout`` is trained
+where it is read, on every token of reference answers, by position in the answer (issue 20;
+``readouts.fit_readout``); FASB hands it the answer position of each token it reads.
+
 ``reading="paper"`` follows the paper's formulation instead of the reference code: the
 steering vector is the probe weight theta (raw activation space), without sigma; the
 strength is again ``alpha * mean(1 - P(true))`` when that exceeds ``1 - threshold``.
@@ -42,6 +48,7 @@ from steerbench.blocks import FromState, Intervention
 from steerbench.model import Model
 from steerbench.steerer import Decision, Flagger, HookFn, Steerer, StepContext, StepState, check_strength
 from steerbench.steering.iti import ITI, HeadReadout, HeadShift
+from steerbench.steering.readouts import AnswerTokens, CalibratedReadout, PrefixReadout, choose_threshold, fit_readout
 
 READINGS = ("reference", "paper")
 
@@ -57,6 +64,7 @@ class FASB(Steerer):
     repeat: bool = False  # keep checking after the first intervention
     reading: str = "reference"
     newest_only: bool = False
+    readout: PrefixReadout | CalibratedReadout | None = None  # None: the heads' own probes ("plain")
     info: dict = field(default_factory=dict)
     # the paper's name for the strength (``describe``, ``select`` and ``--set fasb.alpha``
     # say alpha): ``FASB(heads, alpha=60)`` is ``FASB(heads, strength=60)``
@@ -76,13 +84,21 @@ class FASB(Steerer):
         if self.reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
         self.strength = check_strength(self.strength)
-        # the two halves: what reads P(true), and what is added per head at strength 1:
-        # sigma * u (reference) or theta, the raw-space probe weight (paper)
-        self.readout: HeadReadout = self.heads.readout
+        if self.readout is not None:
+            if not isinstance(self.readout, PrefixReadout | CalibratedReadout):
+                raise ValueError(f"readout must be a PrefixReadout, a CalibratedReadout or None (the heads' probes), "
+                                 f"got {type(self.readout).__name__}")
+            if not torch.equal(self.readout.heads, self.heads.heads):
+                raise ValueError(f"the readout reads heads {self.readout.heads.tolist()}, FASB steers "
+                                 f"{self.heads.heads.tolist()}: fit it on these heads")
+        # the two halves: what reads P(true) (the heads' probes, whose hooks every readout
+        # reads through), and what is added per head at strength 1: sigma * u (reference)
+        # or theta, the raw-space probe weight (paper)
+        self.probes: HeadReadout = self.heads.readout
         if self.reading == "reference":
             self.shift: HeadShift = self.heads
         else:
-            theta = self.readout.weight / self.readout.std  # raw-space probe weight [K, d_head]
+            theta = self.probes.weight / self.probes.std  # raw-space probe weight [K, d_head]
             self.shift = HeadShift(self.heads.heads, theta.float(), torch.ones(self.heads.k), strength=1.0,
                                    fitted_on=self.heads.fitted_on)
 
@@ -92,9 +108,36 @@ class FASB(Steerer):
         return cls(probes.select(k, direction=kwargs.pop("direction", "mass_mean")), **kwargs)
 
     # -- probes ----------------------------------------------------------------------------
-    def p_true(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean P(true) over the K probes for head activations [..., K, d_head]."""
-        return self.readout.p_true(z)
+    @property
+    def readout_name(self) -> str:
+        return "plain" if self.readout is None else self.readout.name
+
+    def p_true(self, z: torch.Tensor, pos: torch.Tensor | int | None = None) -> torch.Tensor:
+        """P(true) read from head activations [..., K, d_head] at answer positions ``pos``
+        [...] (0 = the answer's first token; the plain readout ignores it)."""
+        if self.readout is None:
+            return self.probes.p_true(z)
+        if pos is None:
+            raise ValueError(f"the {self.readout_name} readout needs each token's position in the answer")
+        return self.readout.p_true(z, pos)
+
+    def with_readout(self, name: str, fit: AnswerTokens | None = None, val: AnswerTokens | None = None) -> FASB:
+        """This FASB reading P(true) with the readout ``name`` (``readouts.READOUTS``) fitted
+        on ``fit`` (``readouts.answer_tokens`` of the fit answers; "plain" needs none) and,
+        given ``val`` (other answers' tokens), its threshold chosen there
+        (``readouts.choose_threshold``); else the threshold is kept."""
+        if name == "plain":
+            readout = None
+        elif fit is not None:
+            readout = fit_readout(name, self.probes, fit)
+        elif name == self.readout_name:
+            readout = self.readout  # this one (or plain): nothing to fit
+        else:
+            raise ValueError(f"the {name} readout is fitted on answer tokens: pass fit=answer_tokens(...)")
+        out = dataclasses.replace(self, readout=readout)
+        if val is not None:
+            out.threshold = choose_threshold(out.p_true(val.z, val.pos), val)
+        return out
 
     def plan(self, p_true: float) -> float | None:
         """The strength to steer at for an observed ``p_true``, or None for no intervention."""
@@ -128,7 +171,7 @@ class FASB(Steerer):
         state.setdefault("fasb_from", None)  # first steered absolute position
         state["fasb_z"] = {}
         # the readout first, so the probes read each head's output before its own shift
-        return self.readout.read_newest(state["fasb_z"]) + super().hooks(ctx)
+        return self.probes.read_newest(state["fasb_z"]) + super().hooks(ctx)
 
     def observe(self, step: StepState) -> Decision | None:
         state = step.ctx.state
@@ -136,7 +179,7 @@ class FASB(Steerer):
             return None  # a token fed again after a rollback was judged already
         state["fasb_seen"] = step.position
         z = torch.stack([state["fasb_z"][k] for k in range(self.heads.k)])
-        p = float(self.p_true(z))
+        p = float(self.p_true(z, step.n_generated - 1))
         seen = state.setdefault("fasb_p", {})  # position -> P(true), for the kept tokens
         seen[step.position] = p
         eligible = step.n_generated >= self.backtrack or step.is_final
@@ -168,17 +211,19 @@ class FASB(Steerer):
         the unsteered pass; flag the first whose mean P(true) is below the threshold, at
         strength ``alpha * (1 - p_true)``; re-score with the shift from ``backtrack`` earlier."""
         def flag(store: dict, lengths: list[int]) -> list[tuple[int, float] | None]:
-            p = self.p_true(self.readout.gather(store))  # [B, W]; column j + 1 holds answer token j
+            z = self.probes.gather(store)[:, 1:]  # [B, W - 1, K, d]; column j + 1 holds answer token j
+            p = self.p_true(z, torch.arange(z.shape[1]).expand(z.shape[:2]))  # [B, W - 1]
             out: list[tuple[int, float] | None] = []
             for r, n in enumerate(lengths):
-                low = (p[r, 1 : n + 1] < self.threshold).nonzero()
-                s = self.plan(float(p[r, int(low[0]) + 1])) if len(low) else None
+                low = (p[r, :n] < self.threshold).nonzero()
+                s = self.plan(float(p[r, int(low[0])])) if len(low) else None
                 out.append(None if s is None else (int(low[0]), s))  # strength 0: never acts
             return out
 
-        return Flagger(read_hooks=self.readout.read_all, flag=flag, rescore=self.shift, backtrack=self.backtrack)
+        return Flagger(read_hooks=self.probes.read_all, flag=flag, rescore=self.shift, backtrack=self.backtrack)
 
     def describe(self) -> str:
-        extra = (", repeat" if self.repeat else "") + (", paper" if self.reading == "paper" else "")
+        extra = ((", repeat" if self.repeat else "") + (", paper" if self.reading == "paper" else "")
+                 + (f", readout={self.readout_name}" if self.readout is not None else ""))
         return (f"FASB(K={self.heads.k}, alpha={self.strength:g}, threshold={self.threshold:g}, "
                 f"backtrack={self.backtrack}{extra})")

@@ -35,7 +35,7 @@ from steerbench.datasets import MCQuestion, qa_examples
 from steerbench.errors import ArtifactError, ModelMismatch, ParameterError
 from steerbench.model import Model
 from steerbench.probes import ProbeGrid, fit_probes
-from steerbench.steerer import HookFn, Steerer, check_strength
+from steerbench.steerer import HookFn, Steerer, check_strength, register_part
 
 TEMPLATE = "Q: {question} A: {answer}"
 DIRECTIONS = ("mass_mean", "probe")
@@ -203,6 +203,7 @@ def _by_layer(heads: torch.Tensor) -> dict[int, list[tuple[int, int]]]:
     return dict(sorted(out.items()))
 
 
+@register_part
 @dataclass
 class HeadReadout:
     """P(true) from the probes of K heads: a logistic probe per head on its standardized
