@@ -16,7 +16,7 @@ from steerbench.datasets import (
 from steerbench.errors import ArtifactError, DatasetError, ModelMismatch, ParameterError, SteerbenchError
 from steerbench.generation import Generation, Trace, generate, generate_many
 from steerbench.memory import ram_budget
-from steerbench.model import Model, Prompt, load_model
+from steerbench.model import Model, Prompt, load_model, output_path
 from steerbench.passes import SharedPrefix, forward_batch
 from steerbench.steering import (
     CAA,
@@ -83,6 +83,7 @@ __all__ = [
     "load_ab",
     "load_mc",
     "load_model",
+    "output_path",
     "load_open_ended",
     "load_truthfulqa",
     "MCQuestion",

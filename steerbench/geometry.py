@@ -37,7 +37,8 @@ class PCAProjection:
     each PC explains. direction [2] or None: the steering direction's component in the PC plane,
     scaled for drawing (its length is 0.8 times the largest |coordinate|, its sign kept);
     ``direction_share`` is the fraction of the direction's norm that lies in the plane (1: it
-    lies in the plane, 0: it is orthogonal to it). The PCs are oriented so that the class-1
+    lies in the plane, 0: it is orthogonal to it); ``pc1_cosine`` the cosine between the
+    direction and PC1 in the full space. The PCs are oriented so that the class-1
     mean has the larger coordinate on each, so that views of several layers read alike.
     """
 
@@ -49,6 +50,7 @@ class PCAProjection:
     direction: np.ndarray | None = None
     title: str = ""
     direction_share: float = math.nan
+    pc1_cosine: float = math.nan  # cosine between the (full-space) direction and PC1
 
     def __post_init__(self) -> None:
         self.coords = np.asarray(self.coords, dtype=np.float64)
@@ -147,7 +149,7 @@ def pca_projection(
         components *= flip[:, None]
         coords *= flip
 
-    proj_dir, share = None, math.nan
+    proj_dir, share, pc1 = None, math.nan, math.nan
     if direction is not None:
         v = _to_numpy(direction, "direction")
         if v.shape != (d,):
@@ -162,6 +164,7 @@ def pca_projection(
         p = components @ v  # [2]
         pn = float(np.linalg.norm(p))
         share = pn / norm
+        pc1 = float(p[0]) / norm  # the components are unit vectors
         scale = 0.8 * float(np.abs(coords).max())
         proj_dir = p * (scale / pn) if pn > 1e-12 * norm else np.zeros(2)
 
@@ -174,7 +177,46 @@ def pca_projection(
         direction=proj_dir,
         title=title,
         direction_share=share,
+        pc1_cosine=pc1,
     )
+
+
+def direction_accuracy(acts, labels, groups=None, folds: int = 5) -> np.ndarray:
+    """Held-out accuracy of telling the two classes apart along their mean-difference
+    direction (what CAA steers along), per layer: in each of ``folds`` folds the direction
+    and the midpoint between the class means come from the other folds, and a held-out
+    example is called class 1 when it lies past the midpoint along the direction.
+
+    acts: [N, n_layers, d] or [N, d]. groups: examples that must stay in one fold (the two
+    answers of one item); default: each example alone. Returns [n_layers] (or [1]).
+    Unlike the cosine between a mean-difference vector and the class means (1 by
+    construction), this varies: it says where the direction generalizes.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    x = _to_numpy(acts, "acts")
+    if x.ndim == 2:
+        x = x[:, None]
+    if x.ndim != 3:
+        raise ValueError(f"acts must be [N, n_layers, d] or [N, d], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("acts contain NaN or inf")
+    n = len(x)
+    y = _check_labels(labels, n).astype(int)
+    g = np.arange(n) if groups is None else np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must give one group per example ({n}), got shape {g.shape}")
+    if not 2 <= folds <= len(np.unique(g)):
+        raise ValueError(f"folds must be between 2 and the number of groups ({len(np.unique(g))}), got {folds}")
+    correct = np.zeros(x.shape[1])
+    for train, test in GroupKFold(n_splits=folds).split(x[:, 0], y, g):
+        yt = y[train]
+        if not ((yt == 0).any() and (yt == 1).any()):
+            raise ValueError("a fold's training part holds one class only: use fewer folds or more examples")
+        mu1, mu0 = x[train][yt == 1].mean(0), x[train][yt == 0].mean(0)  # [L, d]
+        score = np.einsum("nld,ld->nl", x[test] - (mu1 + mu0) / 2, mu1 - mu0)
+        correct += ((score > 0) == (y[test] == 1)[:, None]).sum(0)
+    return correct / n
 
 
 def pca_by_layer(

@@ -38,6 +38,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STEERBENCH_CACHE", Path.home() / ".cache" / "steerbench"))
 
 
+def output_path(name: str | os.PathLike = "") -> Path:
+    """Where notebooks and scripts write what they make (figures, fitted vectors):
+    ``$STEERBENCH_OUT/name``, else ``~/steerbench-out/name``; never inside the project's
+    ``notebooks/``. Folders are created; the path is returned to pass to ``save_html`` or
+    ``.save``."""
+    root = Path(os.environ.get("STEERBENCH_OUT", Path.home() / "steerbench-out")).expanduser()
+    p = root / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """The device to run on: the one asked for, else CUDA when available, else CPU."""
     if device is not None:

@@ -56,7 +56,7 @@ def ab_sweep(df, metrics: Sequence[str] = ("win_rate", "letter"), title: str = "
         fig.update_xaxes(title_text=f"steering strength: {unit}", row=1, col=col)
         fig.update_yaxes(title_text=_READOUTS[metric][1], row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", legend_title_text="steered layer",
-                      height=420, width=520 * len(metrics))
+                      height=420, autosize=True)
     return fig
 
 
@@ -136,7 +136,7 @@ def sweep_heatmap(df, metric: str = "win_rate", title: str | None = None) -> go.
         title=title or f"{_READOUTS[metric][0]} by layer and multiplier", template="plotly_white",
         xaxis={"title": "steering multiplier m", "type": "category"},
         yaxis={"title": "steered layer", "type": "category"},
-        height=max(380, 36 * len(table.index) + 180), width=max(520, 64 * len(table.columns) + 280),
+        height=max(380, 36 * len(table.index) + 180), autosize=True,
     )
     return fig
 
@@ -184,7 +184,7 @@ def head_grid(grid: ProbeGrid, metric: str = "val_acc", title: str | None = None
         title=title or f"{_PROBE_METRICS[metric][0]} per attention head", template="plotly_white",
         xaxis={"title": "attention head", "dtick": 1 if n_heads <= 32 else None, "showgrid": False},
         yaxis={"title": "layer", "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
-        height=max(380, 22 * n_layers + 180), width=max(460, 26 * n_heads + 280),
+        height=max(380, 22 * n_layers + 180), autosize=True,
     )
     return fig
 
@@ -217,7 +217,7 @@ def sadi_contrast(sadi, title: str | None = None) -> go.Figure:
         title=title or f"SADI-{sadi.elements.upper()}: which elements true answers activate more", template="plotly_white",
         xaxis={"title": unit, "dtick": 1 if n_units <= 32 else None, "showgrid": False},
         yaxis={"title": "layer", "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
-        height=max(380, 22 * n_layers + 180), width=max(520, min(1400, 26 * n_units + 300)),
+        height=max(380, 22 * n_layers + 180), autosize=True,
         legend={"orientation": "h", "y": -0.15},
     )
     return fig
@@ -258,7 +258,7 @@ def relevance_grids(relevance, k: int = 16, scorer: str | None = None, title: st
     fig.update_layout(
         title=title or (f"Which heads to steer: top-{k} overlap {len(both)}/{k}, Spearman "
                         f"{relevance.rank_correlation(scorer):+.2f} over all {rel.size} heads"),
-        template="plotly_white", height=max(420, 22 * n_layers + 200), width=max(900, 52 * n_heads + 520),
+        template="plotly_white", height=max(420, 22 * n_layers + 200), autosize=True,
         legend={"orientation": "h", "y": -0.12},
     )
     return fig
@@ -287,7 +287,7 @@ def pca_scatter(proj: PCAProjection, title: str | None = None) -> go.Figure:
     origin (the mean of all examples) is the steering direction's component in this plane,
     scaled to the data. The axes share one scale, so angles are true: an arrow parallel to the
     line between the means points from one class to the other (``proj.separation()`` is that
-    cosine, shown under the title).
+    cosine). Under the title: the direction's cosine with PC1 and its share in the plane.
     """
     fig = go.Figure()
     for k in (0, 1):
@@ -330,10 +330,11 @@ def pca_scatter(proj: PCAProjection, title: str | None = None) -> go.Figure:
                 "xanchor": "left" if dx >= 0 else "right", "yanchor": "bottom" if dy >= 0 else "top",
                 "font": {"color": _ARROW_COLOR},
             })
-        sep = proj.separation()
+        # (not the cosine with the class-mean gap: for a mean-difference vector such as CAA's
+        # it is 1 at every layer by construction)
         parts = []
-        if not math.isnan(sep):
-            parts.append(f"cos(direction, class-mean gap) = {sep:.2f}")
+        if not math.isnan(proj.pc1_cosine):
+            parts.append(f"cos(direction, PC1) = {proj.pc1_cosine:.2f}")
         if not math.isnan(proj.direction_share):
             parts.append(f"{proj.direction_share:.0%} of the direction's norm lies in this plane")
         subtitle = "; ".join(parts)
@@ -346,7 +347,7 @@ def pca_scatter(proj: PCAProjection, title: str | None = None) -> go.Figure:
     fig.update_layout(
         title={"text": name + (f"<br><sup>{subtitle}</sup>" if subtitle else "")}, template="plotly_white",
         xaxis={"title": axis(0), "zeroline": True}, yaxis={"title": axis(1), "zeroline": True, "scaleanchor": "x"},
-        annotations=annotations, legend_title_text="class", height=520, width=640,
+        annotations=annotations, legend_title_text="class", height=520, autosize=True,
     )
     return fig
 
@@ -517,7 +518,7 @@ def trace(generation: Generation, threshold: float | None = None, per_row: int =
     head = title or f"Generation trace: {n - n_gone} tokens kept, {n_gone} discarded in {n_rb} rollback(s)"
     fig.update_layout(
         title={"text": f"{head}<br><sup>final text: {html.escape(text)}</sup>"}, template="plotly_white",
-        height=height, width=max(720, 64 * cols + 240),
+        height=height, autosize=True,
         legend={"y": fig.layout.yaxis2.domain[1], "yanchor": "top", "x": 1.1 if has_score else 1.02},
     )
     fig.update_xaxes(visible=False, range=[-0.5, cols - 0.5], row=1, col=1)
@@ -600,7 +601,7 @@ def bench_bars(summary, metrics: Sequence[str] = ("mc1", "mc2", "mc3"), title: s
     fig.update_yaxes(title_text="score", range=[0, 1], row=1, col=1)
     if has_kl:
         fig.update_yaxes(title_text="nats per token", row=1, col=2)
-    fig.update_layout(title=title, template="plotly_white", barmode="group", height=440, width=900,
+    fig.update_layout(title=title, template="plotly_white", barmode="group", height=440, autosize=True,
                       legend_title_text="method")
     return fig
 
@@ -661,6 +662,21 @@ def readout_auc(tables: dict, title: str = "How early can a readout tell a false
     return fig
 
 
+def by_layer(series: dict, title: str = "By layer", y_title: str = "", y_range=(0.0, 1.0)) -> go.Figure:
+    """One line per entry of ``series`` (name -> one value per layer, layer 0 first)."""
+    if not series:
+        raise ValueError("no series to draw")
+    fig = go.Figure()
+    for j, (name, values) in enumerate(series.items()):
+        v = np.asarray(values, dtype=float)
+        fig.add_trace(go.Scatter(x=list(range(len(v))), y=v, mode="lines+markers", name=name,
+                                 line={"color": _PALETTE[j % len(_PALETTE)]},
+                                 hovertemplate="layer %{x}: %{y:.2f}<extra>" + html.escape(name) + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=y_title, yaxis_range=list(y_range),
+                      template="plotly_white", autosize=True, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
 def save_html(fig: go.Figure, path: str | Path) -> Path:
     """Write ``fig`` as a standalone HTML page (plotly.js inlined: it opens offline); returns the path.
 
@@ -670,7 +686,8 @@ def save_html(fig: go.Figure, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(
-        str(p), include_plotlyjs=True, full_html=True,
-        config={"displaylogo": False, "toImageButtonOptions": {"format": "svg", "filename": p.stem}},
+        str(p), include_plotlyjs=True, full_html=True, default_width="100%",
+        config={"displaylogo": False, "responsive": True,
+                "toImageButtonOptions": {"format": "svg", "filename": p.stem}},
     )
     return p

@@ -28,7 +28,9 @@ def write_page(path: str | Path, title: str, sections: Sequence[tuple[str, objec
     for heading, content in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if hasattr(content, "to_html") and hasattr(content, "layout"):  # plotly figure
-            parts.append(content.to_html(full_html=False, include_plotlyjs=first_fig))
+            # no fixed width: the figure fills the page's column and follows the window
+            parts.append(content.to_html(full_html=False, include_plotlyjs=first_fig, default_width="100%",
+                                         config={"responsive": True, "displaylogo": False}))
             first_fig = False
         elif hasattr(content, "to_html"):  # pandas
             parts.append(content.to_html(index=False, float_format=lambda x: f"{x:.3f}"))

@@ -700,6 +700,27 @@ class LiveTrace(_App):
         return plots.trace(self.generation, self.threshold, title=title)
 
 
+def _answer_table():
+    import pandas as pd
+
+    class AnswerTable(pd.DataFrame):
+        """A DataFrame of answers that a notebook shows whole: every answer wrapped in its
+        cell, none cut with "…" at pandas' ``display.max_colwidth``."""
+
+        @property
+        def _constructor(self):
+            return AnswerTable
+
+        def _repr_html_(self) -> str:
+            with pd.option_context("display.max_colwidth", None):
+                table = self.to_html(escape=True)
+            style = ("<style>.steerbench-answers td, .steerbench-answers th {white-space: pre-wrap; "
+                     "text-align: left; vertical-align: top; max-width: 32em; overflow-wrap: anywhere}</style>")
+            return f'<div class="steerbench-answers">{style}{table}</div>'
+
+    return AnswerTable
+
+
 def compare_answers(model, prompts, steers: Mapping[str, Any], max_new_tokens: int = 40,
                     stop: str | Sequence[str] | None = "\n", done: Mapping[str, Sequence[Any]] | None = None,
                     **generate_kwargs):
@@ -735,4 +756,4 @@ def compare_answers(model, prompts, steers: Mapping[str, Any], max_new_tokens: i
                                 stop=_stops(stop), **generate_kwargs).text
             row[name] = cut_answer(text, stop)
         rows.append(row)
-    return pd.DataFrame(rows).set_index("prompt")
+    return _answer_table()(rows).set_index("prompt")  # shown whole in a notebook, never cut with "…"

@@ -1,8 +1,18 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 import steerbench as sb
 from steerbench.model import Model
+
+# what notebooks write (figures, vectors: ``sb.output_path``) goes to a folder of this run
+if "STEERBENCH_OUT" not in os.environ:
+    os.environ["STEERBENCH_OUT"] = tempfile.mkdtemp(prefix="steerbench-out-")
+    atexit.register(shutil.rmtree, os.environ["STEERBENCH_OUT"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -74,3 +74,21 @@ def test_fingerprint_tells_models_apart(model, tiny_model):
     a, b = model.fingerprint(), tiny_model.fingerprint()
     assert a["weights_sha256"] != b["weights_sha256"]
     assert a["compatibility_mode"] is False
+
+
+def test_outputs_go_to_steerbench_out_never_into_the_notebooks(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("STEERBENCH_OUT", str(tmp_path / "out"))
+    p = sb.output_path("figures/x.html")
+    assert p == tmp_path / "out" / "figures" / "x.html" and p.parent.is_dir()
+    monkeypatch.delenv("STEERBENCH_OUT")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sb.output_path("y") == tmp_path / "steerbench-out" / "y"
+    # no notebook writes a file by a bare relative path (into notebooks/ itself)
+    for nb in (Path(__file__).parents[1] / "notebooks").glob("*.ipynb"):
+        for cell in json.loads(nb.read_text())["cells"]:
+            src = "".join(cell["source"])
+            if cell["cell_type"] == "code" and ("save_html(" in src or ".save(" in src):
+                assert "output_path(" in src, f"{nb.name} saves outside sb.output_path: {src}"

@@ -326,3 +326,31 @@ def test_readout_figures_draw_each_readout_with_its_threshold():
     assert list(fig.data[0].x) == ["0", "1", "3", "9", "last"] and "flags 100% of false" in fig.data[0].name
     with pytest.raises(ValueError, match="at least one"):
         plots.readout_along({}, tok, [0])
+
+
+def test_direction_accuracy_varies_where_the_classes_do_and_keeps_pairs_together():
+    rng = np.random.default_rng(0)
+    n, d = 40, 8
+    y = np.array([1] * n + [0] * n)
+    x = rng.normal(size=(2 * n, 2, d))
+    x[y == 1, 1, 0] += 4.0  # layer 1 separates the classes along one axis; layer 0 does not
+    acc = geometry.direction_accuracy(x, y, groups=[i % n for i in range(2 * n)])
+    assert acc.shape == (2,) and acc[1] > 0.95 and 0.3 < acc[0] < 0.7
+    proj = geometry.pca_projection(x[:, 1], y, direction=np.eye(d)[0])
+    assert abs(proj.pc1_cosine) > 0.9  # the class gap dominates the variance: PC1 is the direction
+    with pytest.raises(ValueError, match="one group per example"):
+        geometry.direction_accuracy(x, y, groups=[0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        geometry.direction_accuracy(np.full((4, 2), np.nan), [0, 1, 0, 1], folds=2)
+    fig = plots.by_layer({"accuracy": acc})
+    assert list(fig.data[0].y) == list(acc)
+
+
+def test_figures_fill_their_container_instead_of_a_fixed_width(sweep_df, planted, tmp_path):
+    x, y = planted
+    figs = [plots.ab_sweep(sweep_df), plots.sweep_heatmap(sweep_df),
+            plots.pca_scatter(geometry.pca_projection(x, y, direction=np.eye(10)[0])), plots.by_layer({"a": [0.5]})]
+    for fig in figs:
+        assert fig.layout.width is None, fig.layout.title.text
+    page = plots.save_html(figs[0], tmp_path / "f.html").read_text()
+    assert '"responsive": true' in page and "width:100%" in page.replace(" ", "")

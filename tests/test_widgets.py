@@ -369,3 +369,7 @@ def test_compare_answers_table(monkeypatch):
     assert df["none"].tolist() == ["a", "b"] and df["FASB"].tolist() == ["c", "d"] and len(calls) == 6
     with pytest.raises(ValueError, match="2 prompts"):
         widgets.compare_answers("M", ["p1", "p2"], {}, done={"none": ["a"]})
+    # a long answer is shown whole (pandas would cut it at 50 characters), escaped
+    long = "word " * 40 + "<end>"
+    html = widgets.compare_answers("M", ["p1"], {}, done={"none": [long]})._repr_html_()
+    assert "&lt;end&gt;" in html and "…" not in html and "pre-wrap" in html
