@@ -732,7 +732,6 @@ def compare_answers(model, prompts, steers: Mapping[str, Any], max_new_tokens: i
     already generated (e.g. ``LiveTrace``'s ``.unsteered`` and ``.generation``): one
     Generation or text per prompt, in order; those columns are not generated again.
     """
-    import pandas as pd
 
     from steerbench.generation import generate
 
