@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text, not a widget: a closed widget bar reads "model not found" after a reload
 
 from steerbench.memory import result_tensor
 from steerbench.model import Model, Prompt

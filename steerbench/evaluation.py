@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text, not a widget: a closed widget bar reads "model not found" after a reload
 
 from steerbench.datasets import ABItem
 from steerbench.errors import ParameterError

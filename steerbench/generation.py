@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text, not a widget: a closed widget bar reads "model not found" after a reload
 
 from steerbench.context import check_int
 from steerbench.errors import ParameterError

@@ -10,6 +10,8 @@ The figures are ``plotly.graph_objects.FigureWidget``, which needs the ``anywidg
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import html
 import itertools
 import math
@@ -36,9 +38,24 @@ def _figure_widget(fig: go.Figure) -> go.FigureWidget:
         ) from None
 
 
+@contextlib.contextmanager
+def _updating(target: go.FigureWidget):
+    """``target.batch_update()``, then the result written into the widget's own state.
+
+    A FigureWidget sends changes made from Python to the views open now as messages, and
+    its state (``_widget_data`` / ``_widget_layout``, what a view drawn later, or after a
+    page reload, starts from) keeps the figure it was created with: after a reload a
+    slider would read layer 23 over the figure of layer 0. Assigning the state whole
+    syncs it; plotly's front end draws from messages, so the open views do not redraw."""
+    with target.batch_update():
+        yield target
+    target._widget_data = copy.deepcopy(target._data)
+    target._widget_layout = copy.deepcopy(target._layout_obj._props)
+
+
 def _copy_into(target: go.FigureWidget, fig: go.Figure) -> None:
     """Show ``fig`` in ``target`` in place: same traces updated, annotations, shapes and titles replaced."""
-    with target.batch_update():
+    with _updating(target):
         same = len(target.data) == len(fig.data) and all(
             a.type == b.type for a, b in zip(target.data, fig.data)
         )
@@ -308,10 +325,11 @@ class HeadGridExplorer(_App):
             self._side.children = (self.summary, self.scatter)
         else:
             _copy_into(self.scatter, fig)
-        self.grid_figure.layout.shapes = [{
-            "type": "rect", "x0": head - 0.5, "x1": head + 0.5, "y0": layer - 0.5, "y1": layer + 0.5,
-            "line": {"color": "#d62728", "width": 3},
-        }]
+        with _updating(self.grid_figure):
+            self.grid_figure.layout.shapes = [{
+                "type": "rect", "x0": head - 0.5, "x1": head + 0.5, "y0": layer - 0.5, "y1": layer + 0.5,
+                "line": {"color": "#d62728", "width": 3},
+            }]
         g = self.grid
         self.summary.value = (
             f"<b>Layer {layer}, head {head}</b> — rank {self._rank[(layer, head)]} of {g.n_sites} heads "
@@ -615,7 +633,7 @@ class LiveTrace(_App):
         page = trace_html(source, self.threshold, self.stop, self._title(side), running, self.score_name)
         (self.steered_html if side == "steered" else self.unsteered_html).value = page
         data = trace_curves(source)
-        with self.chart.batch_update():
+        with _updating(self.chart):
             if side == "steered":
                 score, strength = self.chart.data[0], self.chart.data[1]
                 score.x, score.y = data["score_x"], data["score_y"]

@@ -77,6 +77,17 @@ def test_pca_explorer_slider_drives_the_figure(projections):
         widgets.PCAExplorer({})
 
 
+def test_what_python_changes_in_a_figure_is_in_the_widget_state_a_reloaded_page_draws(projections):
+    """Issue 16: after a reload, a view starts from the widget's synced state, not from the
+    messages the old view got; that state must show the layer the slider reads."""
+    app = widgets.PCAExplorer(projections, layer=0)
+    app.slider.value = 2
+    state = app.figure.get_state()
+    assert "layer 2" in state["_widget_layout"]["title"]["text"]
+    x = app.figure._widget_data[0]["x"]  # (get_state sends arrays as binary buffers)
+    np.testing.assert_allclose(x, projections[2].coords[projections[2].labels == 0, 0])
+
+
 def test_pca_explorer_uneven_layers(projections):
     app = widgets.PCAExplorer({0: projections[0], 5: projections[1], 6: projections[2]})
     assert list(app.slider.options) == [0, 5, 6]
@@ -279,6 +290,9 @@ def test_live_trace_chart_has_a_point_per_observed_token_and_the_strength_jumps(
     assert any(sh.xref == "x" and sh.x0 == 3.5 for sh in shapes)  # the rollback
     assert any(a.text == "⟲ back 2" for a in app.chart.layout.annotations)
     assert app.n_events >= len(g.trace.steps) + 2 and app.n_redraws > app.n_events  # refresh=0: every event
+    # what a view drawn after a page reload starts from: the chart as it is now, not empty
+    assert list(app.chart._widget_data[0]["x"]) == list(score.x)
+    assert any(a["text"] == "⟲ back 2" for a in app.chart._widget_layout["annotations"])
 
 
 def test_live_trace_unsteered_side_is_plain_generate(live, model):
