@@ -189,6 +189,55 @@ def head_grid(grid: ProbeGrid, metric: str = "val_acc", title: str | None = None
     return fig
 
 
+def head_sweep_grid(sweep, alpha: float | None = None, title: str | None = None) -> go.Figure:
+    """A head sweep (``truthfulqa.head_sweep``) as two layer x head grids side by side: each
+    head's probe validation accuracy (what ITI ranks heads by) and the change in MC2 when
+    that head alone is steered at ``alpha`` (default: the largest swept). Heads missing
+    from the sweep are blank. Each cell's ``customdata`` is (layer, head)."""
+    if len(sweep) == 0:
+        raise ValueError("the sweep is empty")
+    alphas = sorted(sweep["alpha"].unique())
+    alpha = alphas[-1] if alpha is None else float(alpha)
+    at = sweep[sweep["alpha"] == alpha]
+    if at.empty:
+        raise ValueError(f"the sweep has no alpha {alpha:g}; it has {', '.join(f'{a:g}' for a in alphas)}")
+    n_layers, n_heads = int(sweep["layer"].max()) + 1, int(sweep["head"].max()) + 1
+    acc, delta = np.full((n_layers, n_heads), np.nan), np.full((n_layers, n_heads), np.nan)
+    acc[sweep["layer"], sweep["head"]] = sweep["probe_val_acc"]
+    delta[at["layer"], at["head"]] = at["d_mc2"]
+    custom = np.moveaxis(np.indices((n_layers, n_heads)), 0, -1)  # [layers, heads, (layer, head)]
+    bound = max(float(np.nanmax(np.abs(delta))), 1e-6)
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        "probe validation accuracy", f"MC2 change, that head alone steered at alpha {alpha:g}"))
+    hover = "layer %{customdata[0]}, head %{customdata[1]}<br>%{z:.3f}<extra></extra>"
+    fig.add_trace(go.Heatmap(z=acc, customdata=custom, colorscale="Viridis", zmin=0.5, zmax=1.0, xgap=1, ygap=1,
+                             hovertemplate=hover, colorbar={"x": 0.44, "len": 0.9, "thickness": 12}), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=delta, customdata=custom, colorscale=_DIVERGING, zmid=0.0, zmin=-bound, zmax=bound,
+                             xgap=1, ygap=1, hovertemplate=hover, colorbar={"x": 1.0, "len": 0.9, "thickness": 12}),
+                  row=1, col=2)
+    base = sweep.attrs.get("unsteered", {}).get("mc2")
+    sub = f" (unsteered MC2 {base:.3f}, {sweep.attrs.get('n_questions', '?')} validation questions)" if base else ""
+    fig.update_layout(title=title or f"Steering one head at a time{sub}", template="plotly_white",
+                      height=max(420, 22 * n_layers + 200), autosize=True)
+    fig.update_xaxes(title_text="attention head", showgrid=False)
+    fig.update_yaxes(title_text="layer", showgrid=False)
+    return fig
+
+
+def head_curve(curve, title: str | None = None) -> go.Figure:
+    """MC2 change against alpha for one head (rows of a head sweep for one head)."""
+    if len(curve) == 0:
+        raise ValueError("no rows to draw")
+    c = curve.sort_values("alpha")
+    layer, head = int(c["layer"].iloc[0]), int(c["head"].iloc[0])
+    fig = go.Figure(go.Scatter(x=c["alpha"], y=c["d_mc2"], mode="lines+markers", name=f"L{layer}H{head}",
+                               hovertemplate="alpha %{x:g}: MC2 %{y:+.3f}<extra></extra>"))
+    fig.add_hline(y=0.0, line={"color": "grey", "dash": "dash"})
+    fig.update_layout(title=title or f"Layer {layer}, head {head}: MC2 change against alpha", xaxis_title="alpha",
+                      yaxis_title="MC2 change", template="plotly_white", height=360, autosize=True)
+    return fig
+
+
 def sadi_contrast(sadi, title: str | None = None) -> go.Figure:
     """SADI's contrast D = mean(true - false) for every element: layer (rows) x element
     (columns), blue where true answers activate the element more, red where false ones do.

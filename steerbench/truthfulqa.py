@@ -187,6 +187,45 @@ def mc_scores(
     return [mc_result(questions, lp[k].tolist(), prompt) for k in range(len(steers))]
 
 
+def head_sweep(model: Model, probes, questions: Sequence[MCQuestion], alphas: Sequence[float] = (5.0,),
+               heads: Sequence[tuple[int, int]] | None = None, prompt: str = "instruction+primer",
+               direction: str = "mass_mean", batch_size: int = 16, progress: bool = False):
+    """Steer one head at a time (ITI on that head alone: its ``direction``, ``alpha`` x its
+    sigma) and score TruthfulQA MC on ``questions`` (validation questions: never the test
+    ones). ``heads``: default all of them. Every setting is scored in one batched pass per
+    batch of answers, the unsteered prompt prefix computed once for all
+    (``continuation_logprobs_many``).
+
+    Returns a DataFrame, one row per (layer, head, alpha): mc1, mc2, mc3, ``d_mc2`` (minus
+    the unsteered MC2, in ``.attrs["unsteered"]``), the head's probe validation accuracy
+    and rank; ``.attrs["seconds"]`` is the time taken."""
+    import time
+
+    import pandas as pd
+
+    if not questions:
+        raise ValueError("no questions to score")
+    if not alphas:
+        raise ValueError("give at least one alpha")
+    heads = probes.ranking() if heads is None else [(int(a), int(b)) for a, b in heads]
+    steers = [probes.on([h], float(a), direction) for h in heads for a in alphas]  # checks heads and alphas
+    t0 = time.perf_counter()
+    results = mc_scores(model, questions, [None, *steers], prompt=prompt, batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - t0
+    base, rank = results[0], {h: r for r, h in enumerate(probes.ranking(), start=1)}
+    rows, it = [], iter(results[1:])
+    for layer, head in heads:
+        for a in alphas:
+            r = next(it)
+            rows.append({"layer": layer, "head": head, "alpha": float(a), "mc1": r.mc1, "mc2": r.mc2, "mc3": r.mc3,
+                         "d_mc2": r.mc2 - base.mc2, "probe_val_acc": float(probes.grid.val_acc[layer, head]),
+                         "probe_rank": rank[(layer, head)]})
+    df = pd.DataFrame(rows)
+    df.attrs.update(unsteered={"mc1": base.mc1, "mc2": base.mc2, "mc3": base.mc3}, seconds=seconds,
+                    n_questions=len(questions), prompt=prompt, direction=direction)
+    return df
+
+
 def mc_score(model: Model, questions: Sequence[MCQuestion], steer: Steerer | None = None, **kwargs) -> MCResult:
     """MC1/MC2/MC3 for one steerer."""
     return mc_scores(model, questions, [steer], **kwargs)[0]

@@ -341,6 +341,59 @@ class HeadGridExplorer(_App):
         return proj
 
 
+class HeadSweepExplorer(_App):
+    """A head sweep's grids (probe accuracy beside the MC2 change of steering each head
+    alone); click a head for its MC2 change against alpha, computed on the click by
+    ``curve(layer, head)`` (rows of a head sweep over several alphas) and kept."""
+
+    def __init__(self, sweep, curve: Callable[[int, int], Any] | None = None, alpha: float | None = None):
+        self.sweep, self.curve_fn = sweep, curve
+        self.curves: dict[tuple[int, int], Any] = {}
+        self.grid_figure = _figure_widget(plots.head_sweep_grid(sweep, alpha))
+        for trace in self.grid_figure.data:
+            trace.on_click(self._on_click)
+        self.curve_figure: go.FigureWidget | None = None
+        self._side = widgets.VBox([widgets.HTML("<i>click a head for its curve over alpha</i>")])
+        self.widget = widgets.VBox([self.grid_figure, self._side])
+        self.selected: tuple[int, int] | None = None
+
+    @classmethod
+    def run(cls, model, probes, questions, alpha: float = 5.0, curve_alphas: Sequence[float] = (1.0, 2.0, 5.0, 10.0, 15.0),
+            **kwargs) -> HeadSweepExplorer:
+        """Sweep every head at ``alpha`` on ``questions`` (validation ones); a click adds the
+        head's curve over ``curve_alphas``. ``kwargs`` go to ``truthfulqa.head_sweep``."""
+        from steerbench.truthfulqa import head_sweep
+
+        sweep = head_sweep(model, probes, questions, alphas=[alpha], **kwargs)
+        return cls(sweep, lambda layer, head: head_sweep(model, probes, questions, alphas=curve_alphas,
+                                                         heads=[(layer, head)], **kwargs), alpha)
+
+    def _on_click(self, trace, points, state) -> None:  # noqa: ARG002 (plotly's on_click signature)
+        if points.point_inds:
+            r, c = points.point_inds[0]
+            self.select(int(r), int(c))
+
+    def select(self, layer: int, head: int):
+        """Show head (layer, head)'s MC2 change against alpha (its rows of the sweep without a ``curve``)."""
+        rows = self.sweep[(self.sweep["layer"] == layer) & (self.sweep["head"] == head)]
+        if rows.empty:
+            raise ValueError(f"head ({layer}, {head}) is not in the sweep")
+        if (layer, head) not in self.curves:
+            self.curves[(layer, head)] = self.curve_fn(layer, head) if self.curve_fn is not None else rows
+        fig = plots.head_curve(self.curves[(layer, head)])
+        if self.curve_figure is None:
+            self.curve_figure = _figure_widget(fig)
+            self._side.children = (self.curve_figure,)
+        else:
+            _copy_into(self.curve_figure, fig)
+        with _updating(self.grid_figure):
+            self.grid_figure.layout.shapes = [{
+                "type": "rect", "xref": x, "yref": y, "x0": head - 0.5, "x1": head + 0.5, "y0": layer - 0.5,
+                "y1": layer + 0.5, "line": {"color": "#d62728", "width": 3}} for x, y in (("x", "y"), ("x2", "y2"))]
+        self.selected = (layer, head)
+        return self.curves[(layer, head)]
+
+
 # -------------------------------------------------------------------------------------
 # a generation as it happens
 

@@ -93,3 +93,47 @@ def test_generate_answers_is_the_bench_prompt_without_copying_it(model, caa):
         assert g.tokens == alone.tokens and "\n" not in g.text
     with pytest.raises(sb.ParameterError, match="template"):
         generate_answers(model, qs, prompt="no placeholder")
+
+
+def test_head_sweep_steers_one_head_at_a_time_and_alpha_zero_is_unsteered(model, head_probes):
+    from steerbench.truthfulqa import head_sweep, mc_score
+
+    qs = sb.load_truthfulqa("misconceptions")[20:22]  # not among the probes' fit questions
+    heads = [(0, 0), (12, 4)]
+    df = head_sweep(model, head_probes, qs, alphas=[0.0, 8.0], heads=heads, prompt="plain")
+    assert list(zip(df.layer, df["head"], df.alpha)) == [(0, 0, 0.0), (0, 0, 8.0), (12, 4, 0.0), (12, 4, 8.0)]
+    assert (df[df.alpha == 0].d_mc2 == 0).all() and df.attrs["seconds"] > 0
+    alone = mc_score(model, qs, head_probes.on([(12, 4)], 8.0), prompt="plain")
+    assert df.iloc[3].mc2 == pytest.approx(alone.mc2, abs=1e-6)
+    assert df.iloc[3].probe_rank == head_probes.ranking().index((12, 4)) + 1
+    with pytest.raises(sb.ParameterError, match="within"):
+        head_sweep(model, head_probes, qs, heads=[(99, 0)])
+    with pytest.raises(ValueError, match="no questions"):
+        head_sweep(model, head_probes, [])
+
+
+def test_head_sweep_explorer_draws_both_grids_and_a_clicked_heads_curve():
+    import pandas as pd
+
+    from steerbench import plots, widgets
+
+    rows = [{"layer": L, "head": h, "alpha": 5.0, "mc1": 0.2, "mc2": 0.5 + 0.01 * (L - h), "mc3": 0.2,
+             "d_mc2": 0.01 * (L - h), "probe_val_acc": 0.6, "probe_rank": 1 + L * 3 + h} for L in range(2) for h in range(3)]
+    sweep = pd.DataFrame(rows)
+    sweep.attrs["unsteered"] = {"mc2": 0.5}
+    calls = []
+
+    def curve(layer, head):
+        calls.append((layer, head))
+        return pd.DataFrame([{**rows[0], "layer": layer, "head": head, "alpha": a, "d_mc2": 0.01 * a} for a in (1, 5)])
+
+    app = widgets.HeadSweepExplorer(sweep, curve)
+    assert len(app.grid_figure.data) == 2 and app.grid_figure.data[1].z[1][0] == pytest.approx(0.01)
+    got = app.select(1, 2)
+    app.select(1, 2)
+    assert calls == [(1, 2)] and list(got.alpha) == [1, 5]  # computed on the first click, then kept
+    assert list(app.curve_figure.data[0].y) == [0.01, 0.05] and len(app.grid_figure.layout.shapes) == 2
+    with pytest.raises(ValueError, match="not in the sweep"):
+        app.select(5, 0)
+    with pytest.raises(ValueError, match="no alpha 2"):
+        plots.head_sweep_grid(sweep, alpha=2.0)

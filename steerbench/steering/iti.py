@@ -163,8 +163,19 @@ class HeadProbes:
         if direction not in DIRECTIONS:
             raise ParameterError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         k = check_int(k, "k", low=1, high=self.grid.n_sites)
+        return self.on(self.ranking()[:k], alpha, direction)
+
+    def on(self, heads: Sequence[tuple[int, int]], alpha: float = 15.0, direction: str = "mass_mean") -> ITI:
+        """ITI on the given (layer, head) pairs, at strength ``alpha`` (a head sweep steers one at a time)."""
+        if direction not in DIRECTIONS:
+            raise ParameterError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         alpha = check_strength(alpha, "alpha")
-        heads = self.ranking()[:k]
+        n_layers, n_heads = self.grid.sites_shape
+        heads = [(int(layer), int(h)) for layer, h in heads]
+        bad = [x for x in heads if not (0 <= x[0] < n_layers and 0 <= x[1] < n_heads)]
+        if bad or not heads:
+            raise ParameterError(f"heads must be (layer, head) pairs within {n_layers} layers x {n_heads} heads; "
+                                 f"got {bad or 'none'}")
         L = torch.tensor([layer for layer, _ in heads])
         H = torch.tensor([h for _, h in heads])
         g = self.grid
