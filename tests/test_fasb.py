@@ -247,7 +247,7 @@ def test_a_numpy_or_tensor_strength_is_a_number(caa):
 def tokens(model, mc_questions, head_probes):
     from steerbench.steering.readouts import answer_tokens
 
-    return answer_tokens(model, mc_questions, head_probes.select(8).heads, prompt="plain")
+    return answer_tokens(model, mc_questions[:8], head_probes.select(8).heads, prompt="plain")
 
 
 @pytest.mark.parametrize("name", ["calibrated", "prefix"])
@@ -278,8 +278,13 @@ def test_the_readout_gets_the_answer_position_of_each_generated_token(model, hea
             seen.append(int(pos))
             return super().p_true(z, pos)
 
-    out = run(model, Watch(heads, threshold=0.0, readout=fit_readout("prefix", heads.readout, tokens)), n=6)
-    assert seen == list(range(6)) and out.text == run(model, None, n=6).text  # threshold 0: watches only
+    prefix = fit_readout("prefix", heads.readout, tokens)
+    out = run(model, Watch(heads, threshold=0.0, readout=prefix), n=6)
+    plain = run(model, None, n=6).text
+    assert seen == list(range(6)) and out.text == plain  # threshold 0: watches only
+    # strength 0 never acts, though every token reads below threshold 1
+    still = run(model, FASB(heads, strength=0.0, threshold=1.0, backtrack=2, readout=prefix), n=6)
+    assert still.text == plain and not still.trace.rollbacks
 
 
 def test_a_readout_of_other_heads_or_of_another_kind_is_refused(heads, head_probes, tokens):
