@@ -364,7 +364,8 @@ class HeadSweepExplorer(_App):
         head's curve over ``curve_alphas``. ``kwargs`` go to ``truthfulqa.head_sweep``."""
         from steerbench.truthfulqa import head_sweep
 
-        sweep = head_sweep(model, probes, questions, alphas=[alpha], **kwargs)
+        kwargs.pop("alphas", None)
+        sweep = head_sweep(model, probes, questions, alphas=[alpha], heads=kwargs.pop("heads", None), **kwargs)
         return cls(sweep, lambda layer, head: head_sweep(model, probes, questions, alphas=curve_alphas,
                                                          heads=[(layer, head)], **kwargs), alpha)
 

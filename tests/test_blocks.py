@@ -169,7 +169,7 @@ def test_every_steerer_round_trips_through_save_and_load(model, caa, head_probes
                 assert torch.equal(v, w), name
             elif isinstance(v, Steerer):
                 assert v.describe() == w.describe()
-            elif name not in ("readout", "shift"):  # FASB's derived halves are rebuilt
+            elif name not in ("probes", "shift"):  # FASB's derived halves are rebuilt
                 assert v == w, name
         assert type(st).load(tmp_path / f"s{k}.safetensors").describe() == st.describe()
     with pytest.raises(ValueError, match="holds a CAA artifact, not ITI"):

@@ -90,5 +90,5 @@ def test_outputs_go_to_steerbench_out_never_into_the_notebooks(tmp_path, monkeyp
     for nb in (Path(__file__).parents[1] / "notebooks").glob("*.ipynb"):
         for cell in json.loads(nb.read_text())["cells"]:
             src = "".join(cell["source"])
-            if cell["cell_type"] == "code" and ("save_html(" in src or ".save(" in src):
+            if cell["cell_type"] == "code" and any(w in src for w in ("save_html(", ".save(", "write_html(")):
                 assert "output_path(" in src, f"{nb.name} saves outside sb.output_path: {src}"

@@ -12,6 +12,7 @@ NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 
 def test_the_quickstart_runs_on_gemma(gemma, tmp_path, monkeypatch):  # gemma: its cache is warm
     monkeypatch.setenv("STEERBENCH_MODEL", "gemma-3-270m")  # the kernel inherits it
+    monkeypatch.setenv("STEERBENCH_OUT", str(tmp_path))  # where the notebook saves (sb.output_path)
     path = tmp_path / "01_quickstart.ipynb"
     shutil.copy(NOTEBOOKS / "01_quickstart.ipynb", path)
     nb = nbformat.read(path, as_version=4)
