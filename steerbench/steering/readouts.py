@@ -163,17 +163,6 @@ class CalibratedReadout:
         return torch.sigmoid(self.scale[b] * logit + self.shift[b])
 
 
-class PlainReadout:
-    """Today's readout behind the same ``p_true(z, pos)`` (``pos`` unused)."""
-
-    def __init__(self, base: HeadReadout) -> None:
-        self.base = base
-        self.heads = base.heads
-
-    def p_true(self, z: torch.Tensor, pos=None) -> torch.Tensor:  # noqa: ARG002 (one signature for all three)
-        return self.base.p_true(z)
-
-
 # -------------------------------------------------------------------------------------
 # what the readouts are fitted on, and the threshold they are read at
 
