@@ -21,7 +21,7 @@ PIP := $(BIN)/python -m pip --quiet
 # for `make lock`: the torch release the lock is built around
 LOCK_TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint doctor bench lock clean
+.PHONY: install demo test test-browser lint doctor bench lock clean
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
 	rm -rf $(VENV)
@@ -47,6 +47,11 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/steerbench doctor
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile notebooks tests --nbmake --nbmake-timeout=900 --durations=15
+
+# the browser test alone: JupyterLab on 127.0.0.1 in headless Chromium (apt-get install chromium);
+# screenshots in build/browser/. `make test` runs it too, in place of nbmake's run of its notebooks.
+test-browser: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s tests/test_browser.py
 
 # ruff (pyflakes, pycodestyle, import order, pyupgrade, unused arguments) and mypy on the package
 lint: $(STAMP)

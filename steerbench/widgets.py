@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import html
 import itertools
 import math
@@ -31,11 +32,63 @@ if TYPE_CHECKING:
 
 def _figure_widget(fig: go.Figure) -> go.FigureWidget:
     try:
-        return go.FigureWidget(fig)
+        return _figure_class()(fig)
     except ImportError as e:
         raise ImportError(
             f"steerbench.widgets needs plotly's FigureWidget, which needs anywidget: pip install anywidget ({e})"
         ) from None
+
+
+# plotly's FigureWidget ships its front end (plotly.js and the widget, 5 MB) as the widget's
+# ``_esm``, and anywidget compiles it for every figure widget on the page, each within 2 s
+# (anywidget 0.11's runtime: ``AbortSignal.timeout(2000)``, then "[anywidget] Failed to
+# initialize model." and every later update from Python to that figure is dropped). Measured in
+# headless Chromium on a 2-core machine with a benchmark running: one compile 1.7-2.0 s, five at
+# once (a page reload of notebook 05) 9.8 s. Our figures' ``_esm`` is a few lines that compile the
+# same bundle (a trait of its own) once per page, shared by every figure; ``initialize`` only
+# starts that compile and returns (inside anywidget's limit). The compile waits half a second
+# after the first figure asks: it holds the page's main thread for 1-2 s, and the figures
+# restored together after a reload each need a few milliseconds first. plotly's own model
+# starts when the bundle is ready, from the model's state at that time (complete, as
+# ``_updating`` writes it), before any view draws.
+_SHARED_ESM = """\
+const KEY = Symbol.for("steerbench: plotly widget bundle @VERSION@");
+function plotlyWidget(model) {
+  globalThis[KEY] ??= new Promise((resolve) => setTimeout(resolve, 500))
+    .then(() => import(URL.createObjectURL(new Blob([model.get("_bundle")], { type: "text/javascript" }))))
+    .then((module) => module.default);
+  return globalThis[KEY];
+}
+export default () => {
+  let widget;  // plotly's widget for this model, once the bundle is compiled and it is initialized
+  return {
+    initialize(context) {
+      widget = plotlyWidget(context.model).then((make) => { const w = make(); w.initialize(context); return w; });
+    },
+    async render(context) {
+      return (await widget).render(context);
+    },
+  };
+};
+"""
+
+
+@functools.cache
+def _figure_class() -> type[go.FigureWidget]:
+    import plotly
+    import traitlets
+
+    bundle = str(go.FigureWidget._esm)  # anywidget's FileContents of plotly's widgetbundle.js: its text
+    if "export" not in bundle:
+        raise ImportError(f"plotly {plotly.__version__}'s FigureWidget has no widget bundle as its _esm")
+
+    class Figure(go.FigureWidget):
+        """plotly's FigureWidget whose front end compiles once per page (``_SHARED_ESM``)."""
+
+        _esm = _SHARED_ESM.replace("@VERSION@", plotly.__version__)
+        _bundle = traitlets.Unicode(bundle).tag(sync=True)
+
+    return Figure
 
 
 @contextlib.contextmanager

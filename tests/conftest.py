@@ -91,3 +91,20 @@ def head_acts(model, mc_questions):
 @pytest.fixture(scope="session")
 def head_probes(model, mc_questions, head_acts):
     return sb.HeadProbes.fit(model, mc_questions, acts=head_acts)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Where the browser test runs (tests/test_browser.py: Chromium and Playwright present), it
+    runs notebooks 01, 04 and 05 with Run All and fails on any error output or unrun cell, so
+    nbmake does not run those notebooks a second time."""
+    in_browser = {item.callspec.params["name"] for item in items
+                  if item.nodeid.startswith("tests/test_browser.py") and hasattr(item, "callspec")}
+    if not in_browser:
+        return
+    keep, twice = [], []
+    for item in items:
+        is_notebook = item.nodeid.startswith("notebooks/") and item.path.name in in_browser
+        (twice if is_notebook else keep).append(item)
+    if twice:
+        config.hook.pytest_deselected(items=twice)
+        items[:] = keep

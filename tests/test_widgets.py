@@ -387,3 +387,16 @@ def test_compare_answers_table(monkeypatch):
     long = "word " * 40 + "<end>"
     html = widgets.compare_answers("M", ["p1"], {}, done={"none": [long]})._repr_html_()
     assert "&lt;end&gt;" in html and "…" not in html and "pre-wrap" in html
+
+
+def test_figure_widgets_share_one_front_end_bundle():
+    """Each figure's _esm is a few lines (plotly's 5 MB bundle compiled per figure timed out on
+    reload; tests/test_browser.py sees it in Chromium); the bundle travels as a trait and is
+    plotly's own, unchanged."""
+    a = widgets._figure_widget(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])))
+    b = widgets._figure_widget(go.Figure())
+    assert isinstance(a, go.FigureWidget) and all(isinstance(f, widgets._figure_class()) for f in (a, b))
+    assert len(a._esm) < 2_000 and "import(" in a._esm and "setTimeout" in a._esm
+    assert a._bundle == str(go.FigureWidget._esm) and len(a._bundle) > 1_000_000
+    assert "_bundle" in a.get_state() and a.get_state()["_esm"] == a._esm
+    assert a.data[0].x == (1, 2)
