@@ -776,7 +776,12 @@ def run_bench(
             t0 = time.perf_counter()
             test_res = method.score(model, test_q, [steer], prompt, batch_size)[0]
             score_s = time.perf_counter() - t0
-            kl = kl_to_unsteered(model, kl_texts, [steer])[0] if steer is not None else 0.0
+            if steer is None:
+                kl = 0.0
+            elif val_kl:  # the chosen setting's KL on the same texts, measured above
+                kl = val_kl[best]
+            else:
+                kl = kl_to_unsteered(model, kl_texts, [steer])[0]
             gen = generation_metrics(model, test_q[:generate], steer, prompt, max_new_tokens) if generate else {}
             for i, pq in zip(test, test_res.per_question):
                 per_question[name][f * len(questions) + i if few_label else i] = pq
