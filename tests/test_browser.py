@@ -378,3 +378,35 @@ def _drag_the_layer_slider(page: Page) -> None:
     nxt = readout.text_content().strip()
     page.wait_for_function("([el, n]) => new RegExp('\\\\b' + n + '\\\\b').test(el.textContent)",
                            arg=[title.element_handle(), nxt], timeout=30_000)
+
+
+def test_report_figures_fit_the_window(browser, tmp_path):
+    """A report page (``report.write_page``, as the demo and the bench write) at window widths
+    from 1,000 px: every figure, its legend and colour bar inside the window."""
+    import numpy as np
+    import pandas as pd
+
+    from steerbench import plots
+    from steerbench.report import write_page
+
+    rows = [{"layer": L, "multiplier": m, "unit": "m (x v[L])", "win_rate": 0.5 + 0.05 * m * (L % 3),
+             "letter": 0.5 + 0.02 * m, "margin": m, "n": 25}
+            for L in (4, 8, 12, 16, 18, 22) for m in (-4, -2, 0, 2, 4)]
+    heat = plots.go.Figure(plots.go.Heatmap(z=np.random.default_rng(0).random((30, 9)), colorbar={"title": "acc"}))
+    page = write_page(tmp_path / "report.html", "fits", [("A/B sweep", plots.ab_sweep(pd.DataFrame(rows))),
+                                                          ("grid", heat)])
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for width in (1000, 1280, 1500):
+        context = browser.new_context(viewport={"width": width, "height": 900})
+        p = context.new_page()
+        p.goto(page.as_uri())
+        p.wait_for_selector(".js-plotly-plot .main-svg")
+        p.wait_for_timeout(500)
+        outside = p.evaluate("""(width) => [...document.querySelectorAll('.js-plotly-plot')].flatMap((plot, i) =>
+            [...plot.querySelectorAll('.main-svg, .legend, .colorbar')]
+              .map(el => [el.getAttribute('class'), el.getBoundingClientRect()])
+              .filter(([, r]) => r.width > 0 && (r.left < -1 || r.right > width + 1))
+              .map(([c, r]) => `figure ${i}: ${c} spans ${Math.round(r.left)}-${Math.round(r.right)} px`))""", width)
+        p.screenshot(path=str(SHOTS / f"report-{width}px.png"), full_page=True)
+        context.close()
+        assert not outside, f"at {width} px: {outside}"
