@@ -248,7 +248,13 @@ def _save(page: Page, lab: Lab, name: str) -> dict:
     deadline = time.monotonic() + 30
     while (lab.folder / name).stat().st_mtime == before and time.monotonic() < deadline:
         time.sleep(0.2)
-    return json.loads((lab.folder / name).read_text())
+    while True:  # the server may still be writing it: read until it parses
+        try:
+            return json.loads((lab.folder / name).read_text())
+        except json.JSONDecodeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _show_every_output(page: Page) -> None:
