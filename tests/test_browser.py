@@ -321,7 +321,8 @@ def test_notebook_in_the_browser(page, lab, name):
         assert figures.nth(i).locator(".main-svg").count(), f"{name}: figure {i} drew no SVG"
     broken = [(s["cell"], s["mime"]) for s in before if s["broken"]]
     assert not broken, f"{name}: Error displaying widget, in the outputs of {broken}"
-    assert not _figures_fit(page), f"{name}: figures wider than the page: {_figures_fit(page)}"
+    too_wide = _figures_fit(page)
+    assert not too_wide, f"{name}: figures wider than the page: {too_wide}"
 
     if name == "04_pca.ipynb":
         _drag_the_layer_slider(page)
