@@ -345,8 +345,7 @@ def test_notebook_in_the_browser(page, lab, name):
         page.wait_for_function(
             f"() => document.querySelectorAll('.jp-Notebook .js-plotly-plot').length >= {figures.count()}"
             " || document.body.textContent.includes('Error displaying widget')", timeout=60_000)
-        _show_every_output(page)
-        after = page.evaluate(_SIGNATURE_JS)
+        after = _settled(page, before)
         (SHOTS / f"{name.removesuffix('.ipynb')}-reloaded.html").write_text(page.content())
         _shoot(page, name, "reloaded")
         broken = [(s["cell"], s["mime"]) for s in after if s["broken"]]
@@ -358,6 +357,24 @@ def test_notebook_in_the_browser(page, lab, name):
     changed = [(b, a) for b, a in zip(before, after) if not _same_after_reload(b, a)]
     assert len(after) == len(before) and not changed, f"{name}: outputs differ after a reload: {changed[:2]}"
     assert not page.problems, f"{name}: {page.problems}"
+
+
+def _settled(page: Page, before: list[dict], seconds: float = 90) -> list[dict]:
+    """The outputs' signatures once they show what they showed before the reload, or once a
+    widget reports an error, or after ``seconds`` (whatever they show then).
+
+    A widget view draws its figure only after the page has compiled plotly's bundle and the
+    kernel has sent the model's state, which under load (CI: another worker runs a notebook)
+    comes seconds after the figure's container exists: one look right after the reload saw a
+    PCAExplorer with its slider but an empty figure."""
+    deadline = time.monotonic() + seconds
+    while True:
+        _show_every_output(page)
+        after = page.evaluate(_SIGNATURE_JS)
+        same = len(after) == len(before) and all(_same_after_reload(b, a) for b, a in zip(before, after))
+        if same or any(s["broken"] for s in after) or time.monotonic() > deadline:
+            return after
+        page.wait_for_timeout(1_000)
 
 
 def _same_after_reload(before: dict, after: dict) -> bool:
