@@ -105,6 +105,7 @@ class Model:
     _originals: dict = field(default_factory=dict, repr=False)  # id(wrapped HF module) -> its runner copy
     _fingerprint: dict | None = field(default=None, repr=False)
     _fingerprint_key: tuple = field(default=(), repr=False)
+    _kl_reference: tuple | None = field(default=None, repr=False)  # evaluation.kl_to_unsteered's unsteered pass
 
     def __post_init__(self) -> None:
         if self.runner is None:

@@ -86,3 +86,27 @@ def test_kl_to_unsteered_is_zero_unsteered_and_grows_with_strength(model, caa):
     assert 0 < small < big
     with pytest.raises(ValueError, match="no texts"):
         kl_to_unsteered(model, [], [caa])
+
+
+def test_kl_reuses_the_unsteered_pass_only_for_the_same_texts_and_weights(model, caa):
+    from steerbench.datasets import neutral_texts
+    from steerbench.evaluation import kl_to_unsteered
+
+    texts = neutral_texts()[:3]
+    model._kl_reference = None
+    first = kl_to_unsteered(model, texts, [caa.scaled(4)])
+    assert model._kl_reference is not None
+    assert kl_to_unsteered(model, texts, [caa.scaled(4)]) == first  # from the kept pass: the same float
+    assert kl_to_unsteered(model, texts[:2], [caa.scaled(4)]) != first  # other texts: measured anew
+    kept = model._kl_reference[0]
+    w = model.hf_model.get_input_embeddings().weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(1.01)  # an in-place edit bumps the version counter: the kept pass is stale
+    try:
+        kl_to_unsteered(model, texts, [None])
+        assert model._kl_reference[0] != kept  # measured anew on the edited weights
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)  # the same bytes: the fingerprint (and the CAA vector's check) as before
+    assert kl_to_unsteered(model, texts, [caa.scaled(4)]) == pytest.approx(first, abs=1e-9)
