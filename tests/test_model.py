@@ -92,3 +92,17 @@ def test_outputs_go_to_steerbench_out_never_into_the_notebooks(tmp_path, monkeyp
             src = "".join(cell["source"])
             if cell["cell_type"] == "code" and any(w in src for w in ("save_html(", ".save(", "write_html(")):
                 assert "output_path(" in src, f"{nb.name} saves outside sb.output_path: {src}"
+
+
+def test_one_gguf_parse_serves_repeated_reads_and_restores_the_reader():
+    import gguf
+
+    original = gguf.GGUFReader
+    path = model_mod.OFFLINE_MODELS["smollm2-135m-instruct"].locate() / model_mod._GGUF_FILE
+    with pytest.raises(RuntimeError, match="inside"):
+        with model_mod._one_gguf_parse():
+            first, again = gguf.GGUFReader(path), gguf.GGUFReader(str(path))
+            assert first is again and isinstance(first, original)  # one parse for every read of the file
+            assert list(first.fields) == list(original(path).fields)
+            raise RuntimeError("an error inside")
+    assert gguf.GGUFReader is original  # put back, also after an error
