@@ -593,6 +593,22 @@ def _dequantize(spec: OfflineModel, target: Path, source: dict, dtype: torch.dty
     return hf.to(dtype), tokenizer
 
 
+def _refuse_near_miss(name: str) -> None:
+    """A name without an owner ("org/") that is a typo of an offline model's name is refused
+    at once: asked of the hub instead, it waits out the network's retries (50 s here, with no
+    hub) before failing. Hub names keep their owner, so no hub model is refused."""
+    import difflib
+
+    if "/" in name:
+        return
+    close = difflib.get_close_matches(name.lower(), list(OFFLINE_MODELS), n=1, cutoff=0.8)
+    if close:
+        from steerbench.errors import ParameterError
+
+        raise ParameterError(f"no model is called {name!r}: did you mean {close[0]!r}? (offline: "
+                             f"{', '.join(OFFLINE_MODELS)}; a hub model by its full name, e.g. 'google/gemma-3-270m')")
+
+
 def load_model(
     name: str | None = None,
     device: str | torch.device | None = None,
@@ -619,6 +635,7 @@ def load_model(
         return Model.wrap(hf, tokenizer, spec.hub_name, source=f"{spec.module}:{spec.gguf}", device=dev,
                           dtype=dtype)
     assert name is not None  # offline_model(None) is the default model
+    _refuse_near_miss(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # loaded here (not by boot_transformers) so the runner is copied before the bridge wraps it

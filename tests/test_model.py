@@ -106,3 +106,20 @@ def test_one_gguf_parse_serves_repeated_reads_and_restores_the_reader():
             assert list(first.fields) == list(original(path).fields)
             raise RuntimeError("an error inside")
     assert gguf.GGUFReader is original  # put back, also after an error
+
+
+def test_a_typo_of_an_offline_name_is_refused_at_once(monkeypatch):
+    import time
+
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    t0 = time.perf_counter()
+    with pytest.raises(sb.ParameterError, match="did you mean 'gemma-3-270m'"):
+        sb.load_model("gemma3-270m")
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(AssertionError, match="the hub was asked"):  # a hub name (owner/name) still goes there
+        sb.load_model("google/gemma-3-270m-it")
