@@ -42,11 +42,13 @@ demo: $(STAMP)
 
 # the smoke check first (loud, names the library versions), then the notebooks and the suite in
 # TEST_WORKERS processes of one torch thread each (2 on 2 cores: 1,076 s against 1,342 s in one
-# process with 2 threads); the notebooks go first, being the longest items
+# process with 2 threads); the notebooks go first, being the longest items: in collection order
+# (--no-loadscope-reorder; xdist's default sends the files with the most tests first, which left
+# notebooks 07 and 08 alone at the end of a run: 1,070 s on one worker against 863 s on the other)
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/steerbench doctor
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile notebooks tests --nbmake --nbmake-timeout=900 --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder notebooks tests --nbmake --nbmake-timeout=900 --durations=15
 
 # the browser test alone: JupyterLab on 127.0.0.1 in headless Chromium (apt-get install chromium);
 # screenshots in build/browser/. `make test` runs it too, in place of nbmake's run of its notebooks.
