@@ -391,7 +391,9 @@ def kl_to_unsteered(
 
     Every position of every text is steered (from the first token on) and every position's
     prediction counts, as ITI's off-task KL on neutral text. 0 for None. A dynamic steerer
-    is measured as it steers once it acts (``Steerer.when_acting``).
+    is measured as it steers once it acts (``Steerer.when_acting``). The unsteered pass is
+    kept on the model for the next call on the same texts and weights
+    (``KL_REFERENCE_BUDGET``; ``model._kl_reference = None`` frees it).
     """
     steers = [s.when_acting() if s is not None else None for s in steers]
     if not texts:
