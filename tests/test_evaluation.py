@@ -98,6 +98,7 @@ def test_kl_reuses_the_unsteered_pass_only_for_the_same_texts_and_weights(model,
     assert model._kl_reference is not None
     assert kl_to_unsteered(model, texts, [caa.scaled(4)]) == first  # from the kept pass: the same float
     assert kl_to_unsteered(model, texts[:2], [caa.scaled(4)]) != first  # other texts: measured anew
+    assert kl_to_unsteered(model, texts, [caa.scaled(4)]) == first  # back to the first texts, measured again
     kept = model._kl_reference[0]
     w = model.hf_model.get_input_embeddings().weight
     saved = w.detach().clone()
@@ -105,7 +106,8 @@ def test_kl_reuses_the_unsteered_pass_only_for_the_same_texts_and_weights(model,
         w.mul_(1.01)  # an in-place edit bumps the version counter: the kept pass is stale
     try:
         kl_to_unsteered(model, texts, [None])
-        assert model._kl_reference[0] != kept  # measured anew on the edited weights
+        now = model._kl_reference[0]
+        assert now[1:] == kept[1:] and now[0] != kept[0]  # the same texts, measured anew on the edited weights
     finally:
         with torch.no_grad():
             w.copy_(saved)  # the same bytes: the fingerprint (and the CAA vector's check) as before
